@@ -226,7 +226,8 @@ def _field_error(domain: int, source: int, flags: int, sequence: int, timestamp_
                               ("flags", flags, 8), ("sequence", sequence, 64),
                               ("timestamp_ns", timestamp_ns, 64), ("TLV type", tlv_type, 8)):
         if not isinstance(value, int) or not 0 <= value < 1 << bits:
-            return ProtocolError(f"{name} {value!r} is out of range for u{bits} (0..{(1 << bits) - 1})")
+            return ProtocolError(
+                f"{name} {value!r} is out of range for u{bits} (0..{(1 << bits) - 1})")
     return ProtocolError("a header field is out of range")
 
 
