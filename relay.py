@@ -84,6 +84,7 @@ PARENT_DIR_MODE = 0o700
 LISTEN_BACKLOG = 4096
 WARNING_INTERVAL_S = 1.0  # at most one drop / reject / fd warning per second per cause
 ACCEPT_RETRY_S = 0.1  # how long to stop accepting when out of file descriptors
+UNIFORM_RUN_MIN_FRAMES = 16  # column checks pay off from about this many frames
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
 CONNECT_PROBE_TIMEOUT_S = 1.0
 
@@ -254,6 +255,7 @@ class Relay:
         self.paused_at = 0.0
         self.blocking: set[Client] = set()  # clients over low water while paused
         self.next_client_id = 1
+        self.column_cache: dict[int, tuple[tuple[int, bytes], ...]] = {}
         self.gap_sequence = 0
         self.last_warning: dict[str, float] = {}
         self.accept_resume_at = 0.0
@@ -593,7 +595,15 @@ class Relay:
         key = self.domain | _FRAME_KEY_VERSION
         last = end - HEADER_SIZE
         pos = start = count = total = 0
+        uniform = True  # try column checks until one finds no long run in this read
         while True:
+            if uniform:
+                frames, size = self._uniform_run(buffer, pos, end)
+                if frames:
+                    pos += frames * size
+                    count += frames
+                else:
+                    uniform = False
             # The per-frame loop, shaped for speed: locals only, magic and
             # domain+version compared as two ints, the size check implied by
             # "the frame fits the buffer" (see fast_path). ~150 ns a frame.
@@ -637,6 +647,46 @@ class Relay:
             total += count
         self._count_in(client, total)
         return pos
+
+    def _uniform_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
+        """How many whole frames from ``pos`` on are valid frames of this domain with
+        the same size as the first: ``(frames, size)``, or ``(0, 0)`` if too few.
+
+        Shaped for speed: a feed of same-size messages (all Trades, all 64-byte bench
+        frames) is validated a header *column* at a time: ``buffer[pos+i:stop:size]``
+        gathers byte i of every frame in C and ``lstrip`` finds the first frame whose
+        byte differs. Ten columns (magic, domain, version, payload_size) prove what
+        the per-frame loop would: if frame j is valid and has the first frame's
+        size, frame j+1 starts exactly ``size`` bytes later. ~12 ns a frame instead
+        of ~150 ns; a stream of mixed sizes falls back to the per-frame loop.
+        """
+        if end - pos < UNIFORM_RUN_MIN_FRAMES * HEADER_SIZE:
+            return 0, 0
+        size = HEADER_SIZE + _FRAME_START.unpack_from(buffer, pos)[2]
+        frames = (end - pos) // size
+        if frames < UNIFORM_RUN_MIN_FRAMES:
+            return 0, 0
+        for offset, expected in self.uniform_columns(size):
+            rest = buffer[pos + offset:pos + frames * size:size].lstrip(expected)
+            if rest:
+                frames -= len(rest)
+                if frames < UNIFORM_RUN_MIN_FRAMES:
+                    return 0, 0
+        return frames, size
+
+    def uniform_columns(self, size: int) -> tuple[tuple[int, bytes], ...]:
+        """The (offset, byte) pairs every frame of ``size`` bytes of this domain has:
+        magic, domain, version and payload_size. Cached per size."""
+        columns = self.column_cache.get(size)
+        if columns is None:
+            expected = struct.pack("<IBB", MAGIC, self.domain, VERSION)
+            expected_size = struct.pack("<I", size - HEADER_SIZE)
+            columns = tuple((i, expected[i:i + 1]) for i in range(6)) + tuple(
+                (24 + i, expected_size[i:i + 1]) for i in range(4))
+            if len(self.column_cache) > 64:
+                self.column_cache.clear()
+            self.column_cache[size] = columns
+        return columns
 
     def _forward_checked(self, client: Client, buffer: bytearray, end: int) -> int:
         """Walk and forward frames applying the domain's checksum, TLV and filter
