@@ -223,8 +223,7 @@ class Relay:
         self.domain = int(self.logic.domain)
         self.checksum_policy = self.logic.checksum
         self.tlv_types = self.logic.tlv_types
-        self.relay_source = int(RELAY_SOURCE.get(Domain(self.domain), RELAY_SOURCE[
-            Domain.MARKET_DATA])) if self.domain in Domain.__members__.values() else 80
+        self.relay_source = int(RELAY_SOURCE.get(self.domain, logic.Source.MARKET_DATA_RELAY))
         # The default filter (domain equality) with no checksum or TLV policy is checked
         # inline in the read loop; anything else goes through _accept_frame per frame.
         # The fast loop leaves the size check to "frame fits the buffer", which holds
@@ -260,6 +259,7 @@ class Relay:
         self.last_warning: dict[str, float] = {}
         self.accept_resume_at = 0.0
         self.stopping = False
+        self.serving = False
         self.stats_requested = False
         self.stopped = threading.Event()
         self.started_at = time.monotonic()
@@ -382,6 +382,9 @@ class Relay:
 
         Signal handlers are installed only when called from the main thread.
         """
+        if self.stopped.is_set() or self.serving:
+            raise RelayError("serve_forever() can run once per Relay; make a new one")
+        self.serving = True
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for signum, handler in ((signal.SIGINT, self._on_stop_signal),
@@ -398,18 +401,23 @@ class Relay:
             self._log_stats(final=True)
             self.stopped.set()
 
-    def close(self) -> None:
-        """Release the socket and every connection without serving (if never served)."""
-        self._release()
+    def close(self, timeout: float | None = None) -> None:
+        """Stop serving (if ``serve_forever`` runs in another thread, wait up to
+        ``timeout`` for it to drain and finish), or release the socket and every
+        connection of a relay that never served."""
+        if self.serving:
+            self.shutdown()
+            self.stopped.wait(timeout)
+        elif not self.stopped.is_set():
+            self._release()
+            self.stopped.set()
 
     def __enter__(self) -> Relay:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.shutdown()
-        if not self.stopped.is_set() and self.listener is not None:
-            self._release()
+        self.close()
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("%s received: draining and stopping", signal.Signals(signum).name)
@@ -437,6 +445,8 @@ class Relay:
             for key, mask in select(timeout):
                 client = key.data
                 if client is not None:
+                    if client.closed:
+                        continue  # closed earlier in this batch (e.g. by a failed write)
                     if mask & selectors.EVENT_WRITE:
                         self._write_ready(client)
                     if mask & selectors.EVENT_READ and client.reading and not client.closed:
@@ -692,8 +702,18 @@ class Relay:
         """Walk and forward frames applying the domain's checksum, TLV and filter
         policies to each; same contract as ``_forward_fast``."""
         unpack = _FRAME_START.unpack_from
+        unpack_checksum = _CHECKSUM.unpack_from
+        crc32 = zlib.crc32
+        tlvs_ok = logic.tlvs_ok
+        view = memoryview(buffer)
         max_size = self.max_message_size
         accept = self._accept_frame
+        # Frames of this domain are checked inline when the filter is the default one;
+        # -1 never matches, so a custom filter sends every frame to _accept_frame.
+        key = self.domain | _FRAME_KEY_VERSION if self.default_filter else -1
+        verify = self.checksum_policy != "off"
+        require = self.checksum_policy == "require"
+        tlv_types = self.tlv_types
         last = end - HEADER_SIZE
         pos = start = count = total = 0
         while pos <= last:
@@ -701,18 +721,40 @@ class Relay:
             nxt = pos + HEADER_SIZE + payload_size
             if magic != MAGIC or domain_version >> 8 != VERSION or nxt - pos > max_size:
                 if count:
-                    self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
+                    self._broadcast(client, bytes(view[start:pos]), count)
                     total += count
                 self._count_in(client, total)
                 self._protocol_error(client, buffer, pos)
                 return -1
             if nxt > end:
                 break
+            if domain_version == key:
+                # Shaped for speed: a frame of this domain is checked inline, a single
+                # standard TLV without tlvs_ok: ~0.5 us a frame instead of ~1.1 us.
+                ok = True
+                if verify:
+                    stored = unpack_checksum(buffer, pos + CHECKSUM_OFFSET)[0]
+                    if stored:
+                        ok = crc32(view[pos + HEADER_SIZE:nxt],
+                                   crc32(view[pos:pos + CHECKSUM_OFFSET])) == stored
+                    else:
+                        ok = not require
+                if ok and tlv_types is not None:
+                    first = pos + HEADER_SIZE
+                    if (payload_size >= 2 and buffer[first + 1] + 2 == payload_size
+                            and buffer[first] != 255):
+                        ok = buffer[first] in tlv_types
+                    else:
+                        ok = tlvs_ok(buffer, tlv_types, pos, nxt)
+                if ok:
+                    count += 1
+                    pos = nxt
+                    continue
             if accept(client, buffer, pos, nxt, domain_version & 0xFF):
                 count += 1
             else:
                 if count:
-                    self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
+                    self._broadcast(client, bytes(view[start:pos]), count)
                     total += count
                     count = 0
                 total += 1
@@ -721,7 +763,7 @@ class Relay:
                     return -1
             pos = nxt
         if count:
-            self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
+            self._broadcast(client, bytes(view[start:pos]), count)
             total += count
         self._count_in(client, total)
         return pos

@@ -300,27 +300,37 @@ sys.exit(relay.main())
 
 
 def test_sigterm_stops_the_relay_even_when_it_does_not_interrupt_the_relays_select(
-        socket_path: str) -> None:
+        socket_path: str, socket_dir: str) -> None:
     """A signal that arrives just before the loop blocks in select (or on another
     thread of an embedding program) does not interrupt that select: the relay must
     still wake up (signal.set_wakeup_fd), not sleep until the next event. With
-    --stats-interval 0 there is no next event, so a lost SIGTERM hangs forever."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", SIGNAL_ON_ANOTHER_THREAD, "--socket", socket_path,
-         "--stats-interval", "0"], cwd=os.path.dirname(os.path.abspath(__file__)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    --stats-interval 0 and no client there is no next event: a lost SIGTERM hangs."""
+    log_path = os.path.join(socket_dir, "relay.log")
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SIGNAL_ON_ANOTHER_THREAD, "--socket", socket_path,
+             "--stats-interval", "0", "--log-level", "debug"],
+            cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL,
+            stderr=log_file, text=True)
     try:
         wait_for_socket(socket_path)
         exchange(socket_path)
+        # Three clients came and went (the probe and the exchange); once the relay has
+        # seen them leave it has nothing left to do but block in select.
+        wait_until(lambda: read_text(log_path).count("closed the connection") >= 3,
+                   "the relay to see the test clients leave")
+        time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
         try:
-            code, _, err = stop(process)
+            code = process.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the relay was still running {TIMEOUT_S} s after SIGTERM: the "
                         "signal was lost (no signal.set_wakeup_fd in serve_forever)")
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate(timeout=TIMEOUT_S)
+            process.wait(timeout=TIMEOUT_S)
+    err = read_text(log_path)
     assert code == 0, err
     assert "SIGTERM received" in err
     assert not os.path.exists(socket_path)
