@@ -94,7 +94,7 @@ class Source(enum.IntEnum):
 
 
 #: The source id a relay of each domain writes on the frames it makes (gap notices).
-RELAY_SOURCE = {
+RELAY_SOURCE: dict[int, int] = {
     Domain.MARKET_DATA: Source.MARKET_DATA_RELAY,
     Domain.SIGNAL: Source.SIGNAL_RELAY,
     Domain.EXECUTION: Source.EXECUTION_RELAY,
