@@ -85,6 +85,7 @@ LISTEN_BACKLOG = 4096
 WARNING_INTERVAL_S = 1.0  # at most one drop / reject / fd warning per second per cause
 ACCEPT_RETRY_S = 0.1  # how long to stop accepting when out of file descriptors
 UNIFORM_RUN_MIN_FRAMES = 16  # column checks pay off from about this many frames
+UNIFORM_RETRY_BYTES = 16 * 1024  # policy domains: retry column checks this far on
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
 CONNECT_PROBE_TIMEOUT_S = 1.0
 
@@ -92,6 +93,7 @@ CONNECT_PROBE_TIMEOUT_S = 1.0
 _FRAME_START = struct.Struct("<IH18xI")
 _CHECKSUM = struct.Struct("<I")
 _FRAME_KEY_VERSION = VERSION << 8
+_BYTES = [bytes((value,)) for value in range(256)]
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _VANISHED = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN)
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -255,6 +257,10 @@ class Relay:
         self.blocking: set[Client] = set()  # clients over low water while paused
         self.next_client_id = 1
         self.column_cache: dict[int, tuple[tuple[int, bytes], ...]] = {}
+        # byte -> b"\1" for an accepted TLV type (never 255, the extended marker), else 0
+        self.tlv_type_table = bytes(
+            1 if self.tlv_types is not None and t in self.tlv_types and t != 255 else 0
+            for t in range(256))
         self.gap_sequence = 0
         self.last_warning: dict[str, float] = {}
         self.accept_resume_at = 0.0
@@ -684,6 +690,40 @@ class Relay:
                     return 0, 0
         return frames, size
 
+    def _checked_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
+        """``_uniform_run`` for a domain with checksum and TLV policies: the run's
+        frames must also hold one standard TLV of an accepted type (two more columns)
+        and pass the checksum policy (still one CRC a frame: ~0.3 us instead of ~0.75)."""
+        frames, size = self._uniform_run(buffer, pos, end)
+        if not frames:
+            return 0, 0
+        if self.tlv_types is not None:
+            length = size - HEADER_SIZE - 2
+            if not 0 <= length <= 255:
+                return 0, 0
+            first = pos + HEADER_SIZE
+            frames -= len(buffer[first + 1:pos + frames * size:size].lstrip(_BYTES[length]))
+            types = buffer[first:pos + frames * size:size]
+            frames -= len(types.translate(self.tlv_type_table).lstrip(b"\1"))
+        if self.checksum_policy != "off" and frames:
+            unpack_checksum = _CHECKSUM.unpack_from
+            crc32 = zlib.crc32
+            view = memoryview(buffer)
+            require = self.checksum_policy == "require"
+            stop = pos + frames * size
+            at = pos
+            while at < stop:
+                stored = unpack_checksum(buffer, at + CHECKSUM_OFFSET)[0]
+                if stored:
+                    if crc32(view[at + HEADER_SIZE:at + size],
+                             crc32(view[at:at + CHECKSUM_OFFSET])) != stored:
+                        break
+                elif require:
+                    break
+                at += size
+            frames = (at - pos) // size
+        return frames, size
+
     def uniform_columns(self, size: int) -> tuple[tuple[int, bytes], ...]:
         """The (offset, byte) pairs every frame of ``size`` bytes of this domain has:
         magic, domain, version and payload_size. Cached per size."""
@@ -714,9 +754,18 @@ class Relay:
         verify = self.checksum_policy != "off"
         require = self.checksum_policy == "require"
         tlv_types = self.tlv_types
+        checked_run = self._checked_run
+        retry_at = 0 if self.default_filter else end  # when to try a column-checked run
         last = end - HEADER_SIZE
         pos = start = count = total = 0
         while pos <= last:
+            if pos >= retry_at:
+                frames, size = checked_run(buffer, pos, end)
+                if frames:
+                    pos += frames * size
+                    count += frames
+                    continue
+                retry_at = pos + UNIFORM_RETRY_BYTES
             magic, domain_version, payload_size = unpack(buffer, pos)
             nxt = pos + HEADER_SIZE + payload_size
             if magic != MAGIC or domain_version >> 8 != VERSION or nxt - pos > max_size:
