@@ -898,8 +898,9 @@ class Relay:
 
     def _invalid(self, client: Client, why: str, pos: int) -> None:
         self.messages_invalid += 1
-        log.debug("client %d: dropped an invalid frame at offset %d: %s", client.id,
-                  client.base + pos, why)
+        self._warn("invalid", "client %d: dropped an invalid frame at offset %d: %s "
+                   "(%d invalid frames in total; at most one such line a second)",
+                   client.id, client.base + pos, why, self.messages_invalid)
 
     def _count_in(self, client: Client, messages: int) -> None:
         self.messages_in += messages
