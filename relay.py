@@ -400,11 +400,18 @@ class Relay:
                                     (signal.SIGTERM, self._on_stop_signal),
                                     (signal.SIGUSR1, self._on_stats_signal)):
                 previous[signum] = signal.signal(signum, handler)
+            # A signal that lands just before select() sleeps, or on another thread,
+            # would wait for the next event to be handled: the wake-up fd makes
+            # select() return at once.
+            previous_wakeup_fd = signal.set_wakeup_fd(self.wake_writer.fileno(),
+                                                      warn_on_full_buffer=False)
         try:
             self._loop()
             self._drain()
         finally:
             self._release()
+            if previous:
+                signal.set_wakeup_fd(previous_wakeup_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._log_stats(final=True)
@@ -1505,6 +1512,21 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _message_size(text: str) -> int:
+    value = int(text)
+    if not HEADER_SIZE <= value <= logic.MAX_MESSAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be {HEADER_SIZE}..{logic.MAX_MESSAGE_SIZE} bytes, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1535,26 +1557,26 @@ def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None
                         f"closed at once (default: {MAX_CONNECTIONS})")
     parser.add_argument("--overflow", choices=OVERFLOW_POLICIES, default=d(None),
                         help="slow-consumer policy (default: the domain's)")
-    parser.add_argument("--max-message-size", type=_positive_int, default=d(None),
+    parser.add_argument("--max-message-size", type=_message_size, default=d(None),
                         metavar="N", help="largest frame in bytes, header included "
                         "(default: the domain's)")
-    parser.add_argument("--stall-timeout", type=float, default=d(STALL_TIMEOUT_S),
+    parser.add_argument("--stall-timeout", type=_non_negative, default=d(STALL_TIMEOUT_S),
                         metavar="S", help="backpressure: disconnect a client with no write "
                         f"progress for S seconds while paused (default: {STALL_TIMEOUT_S})")
-    parser.add_argument("--drain-timeout", type=float, default=d(DRAIN_TIMEOUT_S),
+    parser.add_argument("--drain-timeout", type=_non_negative, default=d(DRAIN_TIMEOUT_S),
                         metavar="S", help="on shutdown, flush pending data for up to S "
                         f"seconds (default: {DRAIN_TIMEOUT_S})")
     parser.add_argument("--socket-mode", type=_octal, default=d(SOCKET_MODE), metavar="MODE",
                         help="socket file permissions, octal (default: 0600)")
-    parser.add_argument("--stats-interval", type=float, default=d(STATS_INTERVAL_S),
+    parser.add_argument("--stats-interval", type=_non_negative, default=d(STATS_INTERVAL_S),
                         metavar="S", help="log a stats line every S seconds, 0 = never "
                         f"(default: {STATS_INTERVAL_S:g}); SIGUSR1 logs one at once")
-    parser.add_argument("--busy-poll-us", type=float, default=d(BUSY_POLL_S * 1e6),
+    parser.add_argument("--busy-poll-us", type=_non_negative, default=d(BUSY_POLL_S * 1e6),
                         metavar="US", help="after traffic, poll without sleeping for US "
                         "microseconds: lower latency for a little CPU, 0 = always sleep "
                         f"(default: {BUSY_POLL_S * 1e6:g})")
     parser.add_argument("--log-level", type=_log_level, default=d("INFO"), metavar="L",
-                        help="debug, info, warning or error (default: info)")
+                        help="debug, info, warning, error or critical (default: info)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1599,12 +1621,41 @@ def _run(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
     return 0
 
 
+def _fallback_line(frame: bytes, error: ProtocolError, as_json: bool) -> str:
+    """A line for a frame whose payload does not decode (the domain forwarded it)."""
+    header = logic.parse_header(frame)
+    if as_json:
+        return json.dumps({"domain": header.relay_domain, "source": header.source,
+                           "sequence": header.sequence, "size": len(frame),
+                           "malformed": str(error)})
+    return (f"{_domain_name(header.relay_domain)} src={_source_name(header.source)} "
+            f"seq={header.sequence} {len(frame)}B malformed payload: {error}")
+
+
+def _stop_on_sigterm() -> None:
+    """tail and send stop on SIGTERM as on Ctrl-C: exit 0."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _tail(args: argparse.Namespace, path: str) -> int:
     shown = 0
+    _stop_on_sigterm()
     with RelayClient(path, subscribe=args.types, gap_notices=True) as client:
         for frame in client:
-            print(json.dumps(describe(frame)) if args.json else format_line(frame),
-                  flush=True)
+            try:
+                line = json.dumps(describe(frame)) if args.json else format_line(frame)
+            except ProtocolError as exc:
+                line = _fallback_line(frame, exc, args.json)
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:
+                # The reader went away (tail | head): stop quietly, and keep the
+                # interpreter's final flush from failing again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
             shown += 1
             if args.count and shown >= args.count:
                 break
@@ -1615,6 +1666,7 @@ def _send(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
     batch = 1000 if args.rate <= 0 else max(1, min(1000, int(args.rate // 100)))
     started = time.monotonic()
     sent = 0
+    _stop_on_sigterm()
     with RelayClient(path, publish_only=True) as client:
         while sent < args.count:
             n = min(batch, args.count - sent)

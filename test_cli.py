@@ -155,6 +155,10 @@ def test_help_documents_every_option_with_its_default_and_the_three_commands() -
     assert result.returncode == 0, result.stderr
     for option in GLOBAL_OPTIONS:
         assert "default" in option_help(result.stdout, option), option
+    documented = set(re.findall(r"^ {2}(--[a-z][a-z-]*)", result.stdout, re.MULTILINE))
+    assert documented >= set(GLOBAL_OPTIONS)
+    for option in documented:  # an option added later must document its default too
+        assert "default" in option_help(result.stdout, option), option
     for command in ("run", "tail", "send"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.MULTILINE), command
     assert "(default: 10000)" in option_help(result.stdout, "--queue-limit")
