@@ -88,6 +88,7 @@ ACCEPT_RETRY_S = 0.1  # how long to stop accepting when out of file descriptors
 UNIFORM_RUN_MIN_FRAMES = 16  # column checks pay off from about this many frames
 UNIFORM_RETRY_BYTES = 16 * 1024  # policy domains: retry column checks this far on
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
+FAILED_WRITER_READS = 64  # reads (of up to 64 KiB) from a client whose write failed
 CONNECT_PROBE_TIMEOUT_S = 1.0
 
 # magic u32 | domain+version u16 (domain in the low byte) | payload_size u32.
@@ -258,6 +259,7 @@ class Relay:
         self.paused = False  # backpressure: reading from every client stopped
         self.paused_at = 0.0
         self.blocking: set[Client] = set()  # clients over low water while paused
+        self.failed_writers: list[Client] = []  # write failed: read what they sent, close
         self.next_client_id = 1
         self.column_cache: dict[int, tuple[tuple[int, bytes], ...]] = {}
         # byte -> b"\1" for an accepted TLV type (never 255, the extended marker), else 0
@@ -482,6 +484,8 @@ class Relay:
                     self._accept_ready()
                 elif key.fileobj is wake_reader:
                     self._drain_wake()
+            if self.failed_writers:
+                self._finish_failed_writers()
             now = time.monotonic()
             if self.paused:
                 self._check_stalls(now)
@@ -997,7 +1001,7 @@ class Relay:
             except _WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
-                self._close(client, f"write failed: {exc.strerror or exc}", vanished=True)
+                self._write_failed(client, exc)
                 return
             self.bytes_out += sent
             if sent == size:
@@ -1031,7 +1035,7 @@ class Relay:
         except _WOULD_BLOCK:
             return
         except OSError as exc:
-            self._close(client, f"write failed: {exc.strerror or exc}", vanished=True)
+            self._write_failed(client, exc)
             return
         self.bytes_out += written
         client.last_progress = time.monotonic()
@@ -1056,6 +1060,40 @@ class Relay:
             self.blocking.discard(client)
             if not self.blocking:
                 self._resume()
+
+    def _write_failed(self, client: Client, exc: OSError) -> None:
+        """The client cannot take data (it closed, or shut down its reading side). Do
+        not close it yet: what it sent before going away may still wait in its socket.
+        Stop writing to it; after this batch of events, ``_finish_failed_writers``
+        forwards what it sent and closes it (later, not here: forwarding its data may
+        fail a write to another departed client, and recursion has no bound)."""
+        client.mode = SUBSCRIBE_NONE
+        client.pending.clear()
+        client.pending_messages = client.pending_bytes = client.sent = 0
+        client.writing = False
+        self._update_events(client)
+        self._rebuild_receivers()
+        if client in self.blocking:
+            self.blocking.discard(client)
+            if self.paused and not self.blocking:
+                self._resume()
+        self.failed_writers.append(client)
+        log.debug("client %d: write failed (%s); reading what it sent, then closing",
+                  client.id, exc.strerror or exc)
+
+    def _finish_failed_writers(self) -> None:
+        """Forward what departed clients sent before they went away, then close them."""
+        while self.failed_writers:
+            client = self.failed_writers.pop()
+            for _ in range(FAILED_WRITER_READS):
+                if client.closed:
+                    break
+                received = client.received
+                self._read_ready(client)  # closes it at EOF or on a reset
+                if client.received == received:
+                    break  # nothing more waiting
+            if not client.closed:
+                self._close(client, "went away (a write to it failed)", vanished=True)
 
     def _watch_writes(self, client: Client, on: bool) -> None:
         client.writing = on
@@ -1332,17 +1370,15 @@ class RelayClient:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no message from the relay within {timeout} s")
-                self.sock.settimeout(remaining)
-            else:
-                self.sock.settimeout(None)
+            # Always one recv, even with no time left: a frame may already be waiting.
+            self.sock.settimeout(None if deadline is None
+                                 else max(0.0, deadline - time.monotonic()))
             try:
                 data = self.sock.recv(BUFFER_SIZE)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 raise TimeoutError(f"no message from the relay within {timeout} s") from None
+            finally:
+                self.sock.settimeout(self.timeout)  # send() keeps the client's timeout
             if not data:
                 if len(self._buffer) > self._start:
                     raise ConnectionError(
