@@ -27,7 +27,6 @@ Progress goes to stderr, the table to stdout. Standard library only.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import math
@@ -48,7 +47,7 @@ from array import array
 from collections.abc import Callable
 from itertools import repeat
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import logic
 from logic import (
@@ -66,6 +65,9 @@ from logic import (
 )
 from relay import _FRAME_START, Client, Relay
 
+if TYPE_CHECKING:
+    import asyncio  # imported where used: a relay process should not carry it (RSS)
+
 # ---------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------
@@ -81,9 +83,17 @@ IDLE_TIMEOUT_S = 3.0  # then gives up after this long without a byte
 STOP_TIMEOUT_S = 10.0  # a relay drains (1 s) and reports its stats within this
 MIN_RATE_MSG_S = 20_000  # a result slower than this counts as hung (bounds every wait)
 CLIENTS_PER_PROCESS = 250
-SLOW_READ_BYTES = 64 * 1024  # the execution consumer reads at most this per recv ...
-SLOW_SLEEP_EVERY_BYTES = 256 * 1024  # ... and sleeps SLOW_SLEEP_S after every this many
-SLOW_SLEEP_S = 0.001
+# Ping-pong clients are pinned to different CPUs, in both the relay and the direct run:
+# unpinned, the direct pair is sometimes on one core (~5 us one way, a plain context
+# switch) and sometimes on two (~20 us, a cross-CPU wake-up), which made the baseline
+# bimodal. The relay process is not pinned.
+PING_CPU = 0
+PONG_CPU = 1
+LATENCY_SEGMENTS = 4  # relay and direct runs alternate, the samples of each are pooled
+SLOW_READ_BYTES = 16 * 1024  # the slow execution consumer reads at most this per recv,
+SLOW_SLEEP_EVERY_BYTES = 32 * 1024  # and sleeps SLOW_SLEEP_S after every this many bytes:
+SLOW_SLEEP_S = 0.001  # at most ~0.5 M msg/s of 66 B, slower than the relay's checked path
+UNCHECKED_EXECUTION = "execution_unchecked"  # the execution baseline: checks off
 RUST_BUILD_MSG_S = 1_097_624  # the original's figures (Rust) for a Trade
 RUST_PARSE_MSG_S = 1_643_779
 
@@ -128,18 +138,23 @@ class Sizes:
     generic_rounds: int
     codec_seconds: float
     execution_frames: int
+    execution_slow_frames: int
+    throughput_runs: int
+    codec_repeats: int
 
 
-FULL = Sizes(frames_64=4_000_000, frames_256=1_500_000, frames_1k=500_000,
-             frames_1to4=3_000_000, frames_asyncio=300_000, frames_asyncio_1to4=100_000,
+FULL = Sizes(frames_64=8_000_000, frames_256=2_000_000, frames_1k=600_000,
+             frames_1to4=8_000_000, frames_asyncio=400_000, frames_asyncio_1to4=150_000,
              frames_zmq=300_000, latency_rounds=20_000, latency_warmup=2_000, clients=1000,
-             clients_messages=10_000, generic_frames=3_000_000, generic_rounds=3,
-             codec_seconds=1.0, execution_frames=1_000_000)
-QUICK = Sizes(frames_64=1_000_000, frames_256=400_000, frames_1k=150_000,
-              frames_1to4=800_000, frames_asyncio=80_000, frames_asyncio_1to4=30_000,
-              frames_zmq=80_000, latency_rounds=5_000, latency_warmup=1_000, clients=1000,
-              clients_messages=1_000, generic_frames=1_000_000, generic_rounds=3,
-              codec_seconds=0.25, execution_frames=200_000)
+             clients_messages=10_000, generic_frames=8_000_000, generic_rounds=7,
+             codec_seconds=0.6, execution_frames=1_500_000, execution_slow_frames=400_000,
+             throughput_runs=3, codec_repeats=5)
+QUICK = Sizes(frames_64=2_000_000, frames_256=600_000, frames_1k=200_000,
+              frames_1to4=2_000_000, frames_asyncio=100_000, frames_asyncio_1to4=40_000,
+              frames_zmq=100_000, latency_rounds=5_000, latency_warmup=1_000, clients=1000,
+              clients_messages=1_000, generic_frames=2_000_000, generic_rounds=3,
+              codec_seconds=0.25, execution_frames=300_000, execution_slow_frames=100_000,
+              throughput_runs=1, codec_repeats=3)
 
 
 class BenchError(RuntimeError):
@@ -393,7 +408,7 @@ class SpecialisedRelay(Relay):
         Returns where the incomplete rest starts, or -1 if the client was closed.
         """
         unpack = _FRAME_START.unpack_from
-        key = 0x0101  # hand-specialised: market data (1) | version 1 << 8
+        key = 0x0101  # hand-specialised: market data | version 1 << 8
         last = end - HEADER_SIZE
         pos = start = count = total = 0
         uniform = True  # try column checks until one finds no long run in this read
@@ -450,6 +465,52 @@ class SpecialisedRelay(Relay):
         return pos
 
 
+class UncheckedExecutionLogic(logic.BaseLogic):
+    """The execution domain with its checks off (no checksum, no TLV parsing, so the
+    relay takes its fast path): the baseline that shows what validation costs."""
+
+    name = UNCHECKED_EXECUTION
+    domain = Domain.EXECUTION
+    socket_path = "/tmp/torq/execution_unchecked.sock"  # never used: bench passes a path
+    overflow = "backpressure"
+    checksum = "off"
+    tlv_types = None
+    max_message_size = 65536
+
+
+GENERIC_KEY_LINE = "key = self.domain | _FRAME_KEY_VERSION"
+SPECIALISED_KEY_LINE = "key = 0x0101  # hand-specialised: market data | version 1 << 8"
+
+
+def specialised_in_step() -> bool:
+    """True if ``SpecialisedRelay._forward_fast`` is still relay.py's ``_forward_fast``
+    with only the key line replaced (checked on every run: relay.py changes)."""
+    import inspect
+    try:
+        generic = inspect.getsource(Relay._forward_fast)
+        special = inspect.getsource(SpecialisedRelay._forward_fast)
+    except (OSError, TypeError):
+        return False
+    return GENERIC_KEY_LINE in generic and (
+        generic.replace(GENERIC_KEY_LINE, SPECIALISED_KEY_LINE) == special)
+
+
+def exit_with_parent(conn: Connection) -> None:
+    """Send ourselves SIGTERM when the parent goes away (its end of the pipe closes), so
+    a relay never outlives a bench that was killed. The parent never writes to a relay,
+    so the only thing this thread ever reads is the end of the pipe."""
+    import threading
+
+    def watch() -> None:
+        try:
+            conn.poll(None)
+        except (OSError, EOFError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def relay_child(conn: Connection, path: str, kind: str, domain: str, overflow: str | None,
                 max_connections: int, profile_path: str | None) -> None:
     """A relay process: ``Relay`` (kind "generic") or ``SpecialisedRelay``; reports its
@@ -459,9 +520,12 @@ def relay_child(conn: Connection, path: str, kind: str, domain: str, overflow: s
                         format="relay process: %(levelname)s %(message)s")
     raise_nofile_limit(max_connections + 64)
     relay_class = SpecialisedRelay if kind == "specialised" else Relay
-    relay = relay_class(get_logic(domain), socket_path=path, stats_interval=0,
+    logic_ = UncheckedExecutionLogic() if domain == UNCHECKED_EXECUTION else get_logic(domain)
+    relay = relay_class(logic_, socket_path=path, stats_interval=0,
                         overflow=overflow, max_connections=max_connections)
     conn.send(("ready", os.getpid()))
+    exit_with_parent(conn)
+    cpu_at_ready = cpu_seconds()
     if profile_path:
         import cProfile
         profiler = cProfile.Profile()
@@ -473,7 +537,14 @@ def relay_child(conn: Connection, path: str, kind: str, domain: str, overflow: s
             profiler.dump_stats(profile_path)
     else:
         relay.serve_forever()
-    conn.send(("stats", dataclasses.asdict(relay.stats())))
+    conn.send(("stats", {**dataclasses.asdict(relay.stats()),
+                         "cpu_s": cpu_seconds() - cpu_at_ready}))
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class AsyncioRelay:
@@ -493,6 +564,8 @@ class AsyncioRelay:
         self.messages_out = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=self.queue_limit)
         self.queues[writer] = queue
         sender = asyncio.create_task(self.send_loop(writer, queue))
@@ -518,7 +591,7 @@ class AsyncioRelay:
             writer.close()
 
     async def send_loop(self, writer: asyncio.StreamWriter, queue: asyncio.Queue[bytes]) -> None:
-        try:
+        try:  # written the way the asyncio docs show it: write, then await drain()
             while True:
                 frame = await queue.get()
                 writer.write(frame)
@@ -530,18 +603,24 @@ class AsyncioRelay:
 
 def asyncio_relay_child(conn: Connection, path: str, use_uvloop: bool) -> None:
     """The asyncio baseline in its own process (on uvloop if asked); stops on SIGTERM."""
+    import asyncio
+
     relay = AsyncioRelay(Domain.MARKET_DATA)
+    cpu_at_ready = 0.0
 
     async def serve() -> None:
+        nonlocal cpu_at_ready
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         server = await asyncio.start_unix_server(relay.handle, path=path)
         conn.send(("ready", os.getpid()))
+        exit_with_parent(conn)
+        cpu_at_ready = cpu_seconds()
         await stop.wait()
         server.close()
 
     if use_uvloop:
-        import uvloop
+        import uvloop  # type: ignore[import-not-found]  # optional
         if hasattr(uvloop, "run"):
             uvloop.run(serve())
         else:
@@ -550,18 +629,20 @@ def asyncio_relay_child(conn: Connection, path: str, use_uvloop: bool) -> None:
     else:
         asyncio.run(serve())
     conn.send(("stats", {"messages_in": relay.messages_in,
-                         "messages_out": relay.messages_out}))
+                         "messages_out": relay.messages_out,
+                         "cpu_s": cpu_seconds() - cpu_at_ready}))
 
 
 def zmq_proxy_child(conn: Connection, frontend: str, backend: str) -> None:
     """ZeroMQ's C proxy: XSUB (publishers connect) to XPUB (subscribers connect)."""
-    import zmq
+    import zmq  # type: ignore[import-not-found]  # optional
     context = zmq.Context()
     xsub = context.socket(zmq.XSUB)
     xsub.bind(frontend)
     xpub = context.socket(zmq.XPUB)
     xpub.bind(backend)
     conn.send(("ready", os.getpid()))
+    exit_with_parent(conn)
     zmq.proxy(xsub, xpub)  # until SIGTERM
 
 
@@ -779,10 +860,21 @@ def _recv_exactly(recv_into: Callable[..., int], view: memoryview, size: int) ->
         got += more
 
 
+def pin_to_cpu(index: int) -> int | None:
+    """Pin this process to the index-th CPU it may use (None if there is no such CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
 def ping_child(conn: Connection, target: str | socket.socket, frames: bytes | bytearray,
                frame_size: int, rounds: int) -> None:
     """Client A: send frame i, wait for B's answer (a new frame with the same
     sequence), record the round trip in ns. Blocking sockets: the lowest latency."""
+    pin_to_cpu(PING_CPU)
     sock = connect(target) if isinstance(target, str) else target
     sock.settimeout(None)
     conn.send(("connected", None))
@@ -811,6 +903,7 @@ def ping_child(conn: Connection, target: str | socket.socket, frames: bytes | by
 def pong_child(conn: Connection, target: str | socket.socket, frame_size: int,
                rounds: int) -> None:
     """Client B: answer each frame with a new frame (source 2, same sequence)."""
+    pin_to_cpu(PONG_CPU)
     sock = connect(target) if isinstance(target, str) else target
     sock.settimeout(None)
     conn.send(("connected", None))
@@ -827,10 +920,12 @@ def pong_child(conn: Connection, target: str | socket.socket, frame_size: int,
 
 
 def zmq_publisher_child(conn: Connection, endpoint: str, stream: bytes | bytearray,
-                        frames: int, frame_size: int) -> None:
-    """A PUB socket sending one zmq message per frame; warm-up frames (sequence 0) until
-    the parent says go, so the subscription has reached it (no slow-joiner loss)."""
-    import zmq
+                        frames: int, frame_size: int, batch_frames: int) -> None:
+    """A PUB socket sending ``batch_frames`` frames per zmq message (1: one message per
+    frame); warm-up frames (sequence 0) until the parent says go, so the subscription
+    has reached it (no slow-joiner loss). PUB never blocks: at its high-water mark it
+    drops."""
+    import zmq  # type: ignore[import-not-found]  # optional
     context = zmq.Context()
     pub = context.socket(zmq.PUB)
     pub.connect(endpoint)
@@ -845,9 +940,11 @@ def zmq_publisher_child(conn: Connection, endpoint: str, stream: bytes | bytearr
     conn.recv()
     view = memoryview(stream)
     send = pub.send
+    step = batch_frames * frame_size
+    end = frames * frame_size
     started = time.monotonic()
-    for offset in range(0, frames * frame_size, frame_size):
-        send(view[offset:offset + frame_size])
+    for offset in range(0, end, step):
+        send(view[offset:min(offset + step, end)])
     elapsed = time.monotonic() - started
     conn.send(("result", {"frames": frames, "seconds": elapsed}))
     pub.close(linger=int(STOP_TIMEOUT_S * 1000))
@@ -856,8 +953,9 @@ def zmq_publisher_child(conn: Connection, endpoint: str, stream: bytes | bytearr
 
 def zmq_consumer_child(conn: Connection, endpoint: str, stream: bytes | bytearray,
                        frames: int, frame_size: int) -> None:
-    """A SUB socket; each message must be one whole frame equal to the expected one."""
-    import zmq
+    """A SUB socket; each message must be whole frames equal to the expected ones (the
+    first frame's sequence says where in the stream the message belongs)."""
+    import zmq  # type: ignore[import-not-found]  # optional
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -885,14 +983,15 @@ def zmq_consumer_child(conn: Connection, endpoint: str, stream: bytes | bytearra
         last = monotonic()
         if not first:
             first = last
-        if len(message) != frame_size or not matches(message, (sequence - 1) * frame_size):
+        count = len(message) // frame_size
+        if len(message) % frame_size or not matches(message, (sequence - 1) * frame_size):
             corrupt += 1
         if sequence > expected:
             lost += sequence - expected
         elif sequence < expected:
             out_of_order += 1
-        expected = max(expected, sequence + 1)
-        received += 1
+        expected = max(expected, sequence + count)
+        received += count
     lost += frames - (expected - 1)
     conn.send(("result", {"frames": received, "first": first, "last": last, "lost": lost,
                           "out_of_order": out_of_order, "corrupt": corrupt,
@@ -950,13 +1049,17 @@ def measure_relay(kind: str, stream: bytes | bytearray, frames: int, frame_size:
     result = _deliveries(results, consumers)
     result.update(kind=kind, frames=frames, frame_size=frame_size, consumers=consumers,
                   publisher_rate=sent["frames"] / max(sent["seconds"], 1e-9),
-                  relay_stats=stats)
+                  relay_stats=stats,
+                  relay_cpu_ns_per_msg=1e9 * stats["cpu_s"] / max(frames, 1),
+                  relay_busy=stats["cpu_s"] / result["seconds"] if result["seconds"] else 0.0)
     return result
 
 
-def measure_zmq(stream: bytes | bytearray, frames: int, frame_size: int) -> dict[str, Any]:
-    """The same 1 -> 1 stream through ZeroMQ's XSUB/XPUB proxy, one message per frame,
-    default high-water marks (1000): what it loses is counted."""
+def measure_zmq(stream: bytes | bytearray, frames: int, frame_size: int,
+                batch_frames: int = 1) -> dict[str, Any]:
+    """The same 1 -> 1 stream through ZeroMQ's XSUB/XPUB proxy, ``batch_frames`` frames
+    per zmq message, default high-water marks (1000 messages): what it loses is
+    counted."""
     timeout_s = 60.0 + frames / MIN_RATE_MSG_S
     with Harness() as harness:
         frontend = "ipc://" + harness.path("zmq-in")
@@ -967,7 +1070,7 @@ def measure_zmq(stream: bytes | bytearray, frames: int, frame_size: int) -> dict
                                  frame_size)
         consumer.expect("connected", READY_TIMEOUT_S)
         publisher = harness.start("zmq publisher", zmq_publisher_child, frontend, stream,
-                                  frames, frame_size)
+                                  frames, frame_size, batch_frames)
         publisher.expect("connected", READY_TIMEOUT_S)
         consumer.expect("subscribed", READY_TIMEOUT_S)
         publisher.send("go")
@@ -975,6 +1078,7 @@ def measure_zmq(stream: bytes | bytearray, frames: int, frame_size: int) -> dict
         sent = publisher.expect("result", timeout_s)
     combined = _deliveries([result], 1)
     combined.update(kind="zmq", frames=frames, frame_size=frame_size, consumers=1,
+                    batch_frames=batch_frames,
                     publisher_rate=sent["frames"] / max(sent["seconds"], 1e-9))
     return combined
 
@@ -1012,10 +1116,14 @@ def measure_pingpong(stream: bytes | bytearray, frame_size: int, rounds: int, wa
             stop_relay(relay)
     rtts = array("q")
     rtts.frombytes(result["rtts"])
-    one_way_us = sorted(value / 2000.0 for value in rtts[warmup:])
-    return {"rounds": rounds, "warmup": warmup, "wrong": result["wrong"],
-            **{f"p{name}": percentile(one_way_us, p) for name, p in PERCENTILES},
-            "mean": sum(one_way_us) / len(one_way_us)}
+    return {"one_way_us": [value / 2000.0 for value in rtts[warmup:]],
+            "wrong": result["wrong"]}
+
+
+def latency_summary(one_way_us: list[float]) -> dict[str, float]:
+    ordered = sorted(one_way_us)
+    return {**{f"p{name}": percentile(ordered, p) for name, p in PERCENTILES},
+            "mean": sum(ordered) / len(ordered), "round_trips": len(ordered)}
 
 
 PERCENTILES = (("50", 50.0), ("90", 90.0), ("99", 99.0), ("99.9", 99.9))
@@ -1078,6 +1186,42 @@ def optional_module(name: str) -> bool:
     return True
 
 
+def measure_alternately(plan: list[tuple[str, int]], stream: bytes | bytearray,
+                        frame_size: int, runs: int, consumers: int = 1,
+                        what: str = "") -> dict[str, dict[str, Any]]:
+    """``runs`` rounds of every ``(kind, frames)`` in ``plan``, alternating the order
+    each round so a drift in machine load hits all alike. Per kind: the run with the
+    median rate, with ``rates`` (every run) and ``verified`` / ``lost`` over all runs."""
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind, _ in plan}
+    for round_ in range(runs):
+        for kind, frames in (plan if round_ % 2 == 0 else plan[::-1]):
+            progress(f"{what}: {KIND_LABELS[kind]}, {frames:,} frames"
+                     + (f" to each of {consumers} consumers" if consumers > 1 else "")
+                     + (f", run {round_ + 1}/{runs}" if runs > 1 else ""))
+            result = measure_relay(kind, stream, frames, frame_size, consumers)
+            _check(result, KIND_LABELS[kind])
+            results[kind].append(result)
+    summary = {}
+    for kind, done in results.items():
+        ordered = sorted(done, key=lambda r: r["rate"])
+        chosen = dict(ordered[(len(ordered) - 1) // 2])  # the median (lower, if even)
+        chosen["rates"] = [r["rate"] for r in done]
+        chosen["relay_cpu_ns_per_msg_runs"] = [r["relay_cpu_ns_per_msg"] for r in done]
+        chosen["verified"] = all(r["verified"] for r in done)
+        chosen["lost"] = sum(r["lost"] for r in done)
+        summary[kind] = chosen
+    return summary
+
+
+KIND_LABELS = {"generic": "torq relay", "specialised": "hand-specialised relay",
+               "asyncio": "asyncio relay", "uvloop": "asyncio relay on uvloop"}
+
+
+def of_runs(result: dict[str, Any]) -> str:
+    runs = len(result.get("rates", ()))
+    return f" (median of {runs})" if runs > 1 else ""
+
+
 def scenario_throughput_1to1(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
     raw: dict[str, Any] = {}
     rows: list[Row] = []
@@ -1085,26 +1229,28 @@ def scenario_throughput_1to1(sizes: Sizes, streams: StreamCache) -> tuple[dict, 
                                (1024, sizes.frames_1k)):
         stream = streams.get(frame_size, max(frames, sizes.frames_asyncio))
         label = f"{frame_size} B" if frame_size < 1024 else "1 KiB"
-        progress(f"throughput 1 -> 1, {label}: torq relay, {frames:,} frames")
-        ours = measure_relay("generic", stream, frames, frame_size)
-        _check(ours, "torq relay")
-        progress(f"throughput 1 -> 1, {label}: asyncio relay, {sizes.frames_asyncio:,} frames")
-        base = measure_relay("asyncio", stream, sizes.frames_asyncio, frame_size)
-        _check(base, "asyncio relay")
+        measured = measure_alternately(
+            [("generic", frames), ("asyncio", sizes.frames_asyncio)], stream, frame_size,
+            sizes.throughput_runs, what=f"throughput 1 -> 1, {label}")
+        ours, base = measured["generic"], measured["asyncio"]
+        progress(f"  {label}: torq relay {mps(ours['rate'])} msg/s, asyncio "
+                 f"{mps(base['rate'])} msg/s{of_runs(ours)}")
         entry: dict[str, Any] = {"relay": ours, "asyncio": base}
         ratio = ours["rate"] / base["rate"] if base["rate"] else 0.0
         clean = ours["verified"]
         if frame_size == 64:
             ok = (clean and ours["rate"] >= TARGET_1TO1_MSG_S
                   and ratio >= TARGET_1TO1_VS_ASYNCIO)
-            rows.append(row("1 -> 1, 64 B, msg/s", mps(ours["rate"]) + loss_note(ours),
+            rows.append(row("1 -> 1, 64 B, msg/s",
+                            mps(ours["rate"]) + of_runs(ours) + loss_note(ours),
                             f"asyncio {mps(base['rate'])}", f"{ratio:.1f}x",
                             f">= 5 M and >= {TARGET_1TO1_VS_ASYNCIO:.0f}x asyncio",
                             verdict(ok)))
-            for extra in ("uvloop", "zmq"):
+            for extra in ("uvloop", "zmq", "zmq_batched"):
                 entry[extra] = measure_extra(extra, stream, frame_size, sizes, ours, rows)
         else:
-            rows.append(row(f"1 -> 1, {label}, msg/s", mps(ours["rate"]) + loss_note(ours),
+            rows.append(row(f"1 -> 1, {label}, msg/s",
+                            mps(ours["rate"]) + of_runs(ours) + loss_note(ours),
                             f"asyncio {mps(base['rate'])}", f"{ratio:.1f}x",
                             "(no target)", "info" if clean else "FAIL"))
         raw[str(frame_size)] = entry
@@ -1115,76 +1261,96 @@ def scenario_throughput_1to1(sizes: Sizes, streams: StreamCache) -> tuple[dict, 
 
 def measure_extra(kind: str, stream: bytes | bytearray, frame_size: int, sizes: Sizes,
                   ours: dict[str, Any], rows: list[Row]) -> dict[str, Any] | None:
-    """The optional baselines: asyncio on uvloop, ZeroMQ's proxy."""
-    module, label = ("uvloop", "asyncio + uvloop") if kind == "uvloop" else (
-        "zmq", "ZeroMQ XSUB/XPUB proxy")
+    """The optional baselines: asyncio on uvloop, ZeroMQ's proxy with one zmq message per
+    frame, and with 1000 frames per message."""
+    module, package, label, short = {
+        "uvloop": ("uvloop", "uvloop", "asyncio + uvloop", "uvloop"),
+        "zmq": ("zmq", "pyzmq", "ZeroMQ XSUB/XPUB proxy, a message per frame", "zmq proxy"),
+        "zmq_batched": ("zmq", "pyzmq", f"ZeroMQ XSUB/XPUB proxy, {BATCH_FRAMES} frames "
+                        "per message", f"zmq proxy, {BATCH_FRAMES}-frame messages"),
+    }[kind]
     if not optional_module(module):
         progress(f"  {label}: skipped ({module} is not importable)")
-        rows.append(row("1 -> 1, 64 B, msg/s", mps(ours["rate"]), f"{label}: skipped",
-                        "-", f"(pip install {'pyzmq' if kind == 'zmq' else 'uvloop'})",
-                        "skipped"))
+        rows.append(row("1 -> 1, 64 B, msg/s", mps(ours["rate"]), f"{short}: skipped", "-",
+                        f"(pip install {package})", "skipped"))
         return None
-    frames = sizes.frames_asyncio if kind == "uvloop" else sizes.frames_zmq
+    frames = {"uvloop": sizes.frames_asyncio, "zmq": sizes.frames_zmq,
+              "zmq_batched": sizes.frames_64}[kind]
     progress(f"throughput 1 -> 1, 64 B: {label}, {frames:,} frames")
     if kind == "uvloop":
         result = measure_relay("uvloop", stream, frames, frame_size)
     else:
-        result = measure_zmq(stream, frames, frame_size)
+        result = measure_zmq(stream, frames, frame_size,
+                             BATCH_FRAMES if kind == "zmq_batched" else 1)
     _check(result, label)
     ratio = ours["rate"] / result["rate"] if result["rate"] else 0.0
-    lost = ""
-    if kind == "zmq":
-        lost = f", {100.0 * result['lost'] / frames:.0f}% lost" if result["lost"] else ""
+    lost = f", {100.0 * result['lost'] / frames:.0f}% lost" if result["lost"] else ""
     rows.append(row("1 -> 1, 64 B, msg/s", mps(ours["rate"]),
-                    f"{'uvloop' if kind == 'uvloop' else 'zmq proxy'} "
-                    f"{mps(result['rate'])}{lost}", f"{ratio:.1f}x", "(no target)", "info"))
+                    f"{short} {mps(result['rate'])}{lost}", f"{ratio:.1f}x", "(no target)",
+                    "info"))
     return result
 
 
 def scenario_throughput_1to4(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
     frames = sizes.frames_1to4
     stream = streams.get(64, max(frames, sizes.frames_64))
-    progress(f"throughput 1 -> 4, 64 B: torq relay, {frames:,} frames to each consumer")
-    ours = measure_relay("generic", stream, frames, 64, consumers=4)
-    _check(ours, "torq relay")
-    progress(f"throughput 1 -> 4, 64 B: asyncio relay, {sizes.frames_asyncio_1to4:,} frames")
-    base = measure_relay("asyncio", stream, sizes.frames_asyncio_1to4, 64, consumers=4)
-    _check(base, "asyncio relay")
+    measured = measure_alternately(
+        [("generic", frames), ("asyncio", sizes.frames_asyncio_1to4)], stream, 64,
+        sizes.throughput_runs, consumers=4, what="throughput 1 -> 4, 64 B")
+    ours, base = measured["generic"], measured["asyncio"]
+    progress(f"  torq relay {mps(ours['rate'])} deliveries/s, asyncio {mps(base['rate'])} "
+             f"deliveries/s{of_runs(ours)}")
     ratio = ours["rate"] / base["rate"] if base["rate"] else 0.0
     ok = ours["verified"] and ours["rate"] >= TARGET_1TO4_DELIVERIES_S
-    rows = [row("1 -> 4, 64 B, deliveries/s", mps(ours["rate"]) + loss_note(ours),
+    rows = [row("1 -> 4, 64 B, deliveries/s",
+                mps(ours["rate"]) + of_runs(ours) + loss_note(ours),
                 f"asyncio {mps(base['rate'])}", f"{ratio:.1f}x", ">= 20 M", verdict(ok))]
     return {"relay": ours, "asyncio": base}, rows
 
 
 def scenario_latency(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
-    total = sizes.latency_rounds + sizes.latency_warmup
-    stream = streams.get(64, max(total, sizes.frames_64))
-    progress(f"latency: ping-pong through the relay, {sizes.latency_rounds:,} round trips "
-             f"after {sizes.latency_warmup:,} warm-up")
-    ours = measure_pingpong(stream, 64, sizes.latency_rounds, sizes.latency_warmup, True)
-    progress(f"  relay: one-way p50 {ours['p50']:.1f} us, p99 {ours['p99']:.1f} us")
-    progress("latency: ping-pong over a direct socketpair")
-    base = measure_pingpong(stream, 64, sizes.latency_rounds, sizes.latency_warmup, False)
-    progress(f"  direct: one-way p50 {base['p50']:.1f} us, p99 {base['p99']:.1f} us")
+    segments = LATENCY_SEGMENTS
+    per_segment = -(-sizes.latency_rounds // segments)
+    warmup = max(1, sizes.latency_warmup // segments)
+    stream = streams.get(64, max(per_segment + warmup, sizes.frames_64))
+    progress(f"latency: ping-pong, {segments} x {per_segment:,} round trips (each after "
+             f"{warmup:,} warm-up) through the relay, alternating with a direct socketpair")
+    samples: dict[str, list[float]] = {"relay": [], "direct": []}
+    wrong = {"relay": 0, "direct": 0}
+    for segment in range(segments):
+        # Alternate which goes first, so a drift in machine load hits both alike.
+        order = ("relay", "direct") if segment % 2 == 0 else ("direct", "relay")
+        for kind in order:
+            result = measure_pingpong(stream, 64, per_segment, warmup, kind == "relay")
+            samples[kind] += result["one_way_us"]
+            wrong[kind] += result["wrong"]
+            part = latency_summary(result["one_way_us"])
+            progress(f"  segment {segment + 1}/{segments}, {kind}: one-way p50 "
+                     f"{part['p50']:.1f} us, p99 {part['p99']:.1f} us")
+    ours, base = latency_summary(samples["relay"]), latency_summary(samples["direct"])
+    ours["wrong"], base["wrong"] = wrong["relay"], wrong["direct"]
+    progress(f"  all segments: relay p50 {ours['p50']:.1f} us, p99 {ours['p99']:.1f} us; "
+             f"direct p50 {base['p50']:.1f} us, p99 {base['p99']:.1f} us; the relay hop "
+             f"adds {ours['p50'] - base['p50']:.1f} us at p50")
     rows = []
     for name, _ in PERCENTILES:
         ratio = ours[f"p{name}"] / base[f"p{name}"]
         if name == "50":
             target = f"<= {TARGET_P50_VS_DIRECT}x direct, < {TARGET_P50_US:.0f} us"
-            result = verdict(ratio <= TARGET_P50_VS_DIRECT and ours["p50"] < TARGET_P50_US)
+            outcome = verdict(ratio <= TARGET_P50_VS_DIRECT and ours["p50"] < TARGET_P50_US)
         elif name == "99":
             target = f"<= {TARGET_P99_VS_DIRECT}x direct"
-            result = verdict(ratio <= TARGET_P99_VS_DIRECT)
+            outcome = verdict(ratio <= TARGET_P99_VS_DIRECT)
         else:
-            target, result = "(no target)", "info"
+            target, outcome = "(no target)", "info"
         rows.append(row(f"one hop, one-way p{name}", f"{ours[f'p{name}']:.1f} us",
                         f"socketpair {base[f'p{name}']:.1f} us", f"{ratio:.2f}x", target,
-                        result))
+                        outcome))
     if ours["wrong"] or base["wrong"]:
         rows[0]["ours"] += f" ({ours['wrong']} wrong echoes)"
         rows[0]["result"] = "FAIL"
-    return {"relay": ours, "direct": base}, rows
+    return {"relay": ours, "direct": base, "segments": segments,
+            "pinned_cpus": [PING_CPU, PONG_CPU]}, rows
 
 
 def scenario_clients_1000(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
@@ -1239,31 +1405,101 @@ def scenario_clients_1000(sizes: Sizes, streams: StreamCache) -> tuple[dict, lis
 def scenario_generic_overhead(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
     frames = sizes.generic_frames
     stream = streams.get(64, max(frames, sizes.frames_64))
-    runs: dict[str, list[float]] = {"generic": [], "specialised": []}
-    for round_ in range(sizes.generic_rounds):
-        # Alternate which goes first, so a drift in machine load hits both alike.
-        order = ("generic", "specialised") if round_ % 2 == 0 else ("specialised", "generic")
-        for kind in order:
-            progress(f"generic overhead, round {round_ + 1}/{sizes.generic_rounds}: "
-                     f"{kind} relay, {frames:,} frames")
-            result = measure_relay(kind, stream, frames, 64)
-            _check(result, f"{kind} relay")
-            if not result["verified"]:
-                raise BenchError(f"the {kind} relay lost or reordered frames: "
-                                 f"{loss_note(result)}")
-            runs[kind].append(result["rate"])
+    in_step = specialised_in_step()
+    if not in_step:
+        progress("generic overhead: WARNING: SpecialisedRelay._forward_fast in bench.py is no "
+                 "longer a copy of relay.py's Relay._forward_fast (with only the key line "
+                 "replaced): update the copy, or this compares two different loops")
+    measured = measure_alternately([("generic", frames), ("specialised", frames)], stream, 64,
+                                   sizes.generic_rounds, what="generic overhead")
+    for kind, result in measured.items():
+        if not result["verified"]:
+            raise BenchError(f"the {kind} relay lost or reordered frames: "
+                             f"{loss_note(result)}")
+    runs = {kind: result["rates"] for kind, result in measured.items()}
+    cpu = {kind: result["relay_cpu_ns_per_msg_runs"] for kind, result in measured.items()}
     generic = median(runs["generic"])
     special = median(runs["specialised"])
     slower_pct = (special / generic - 1.0) * 100.0
+    generic_cpu, special_cpu = median(cpu["generic"]), median(cpu["specialised"])
+    cpu_pct = (generic_cpu / special_cpu - 1.0) * 100.0
     raw = {"generic_rates": runs["generic"], "specialised_rates": runs["specialised"],
            "generic_median": generic, "specialised_median": special,
-           "generic_slower_pct": slower_pct}
-    rows = [row("generic Relay vs hand-specialised", f"generic {mps(generic)}",
-                f"specialised {mps(special)}",
-                f"{slower_pct:+.1f}% {'slower' if slower_pct >= 0 else 'faster'}",
-                f"<= {TARGET_GENERIC_SLOWER_PCT:.0f}% slower",
-                verdict(slower_pct <= TARGET_GENERIC_SLOWER_PCT))]
+           "generic_slower_pct": slower_pct, "generic_cpu_ns_per_msg": cpu["generic"],
+           "specialised_cpu_ns_per_msg": cpu["specialised"],
+           "generic_cpu_more_pct": cpu_pct, "specialised_copy_in_step": in_step}
+    progress(f"  medians: generic {mps(generic)} msg/s, specialised {mps(special)} msg/s; "
+             f"relay CPU {generic_cpu:.1f} vs {special_cpu:.1f} ns a message")
+    progress("generic overhead: the read loop alone, in this process, on the same buffer "
+             "(no sockets): best of 15, interleaved")
+    loop = forward_loop_costs()
+    raw["in_process_ns_per_frame"] = loop
+    progress(f"  uniform 64 B frames: generic {loop['generic']['uniform']:.1f} ns, "
+             f"specialised {loop['specialised']['uniform']:.1f} ns a frame; mixed sizes: "
+             f"generic {loop['generic']['mixed']:.1f} ns, specialised "
+             f"{loop['specialised']['mixed']:.1f} ns a frame")
+    rounds = sizes.generic_rounds
+    spread = {kind: f"{min(rates) / 1e6:.2f}-{max(rates) / 1e6:.2f} M"
+              for kind, rates in runs.items()}
+    rows = [row("generic Relay vs hand-specialised",
+                f"generic {mps(generic)} msg/s ({spread['generic']})",
+                f"specialised {mps(special)} msg/s ({spread['specialised']})",
+                f"{abs(slower_pct):.1f}% {'slower' if slower_pct > 0 else 'faster'}",
+                f"<= {TARGET_GENERIC_SLOWER_PCT:.0f}% slower (medians of {rounds})",
+                verdict(slower_pct <= TARGET_GENERIC_SLOWER_PCT)
+                + ("" if in_step else " (stale copy: see bench.py SpecialisedRelay)")),
+            row("  same runs, relay CPU per message", f"generic {generic_cpu:.1f} ns",
+                f"specialised {special_cpu:.1f} ns",
+                f"{abs(cpu_pct):.1f}% {'more' if cpu_pct > 0 else 'less'}", "(no target)",
+                "info")]
+    for shape, label in (("uniform", "64 B frames"), ("mixed", "mixed sizes")):
+        g, h = loop["generic"][shape], loop["specialised"][shape]
+        pct = (g / h - 1.0) * 100.0
+        rows.append(row(f"  read loop alone, {label}", f"generic {g:.1f} ns/frame",
+                        f"specialised {h:.1f} ns/frame",
+                        f"{abs(pct):.1f}% {'slower' if pct > 0 else 'faster'}",
+                        "(no target)", "info"))
     return raw, rows
+
+
+def forward_loop_costs(repeats: int = 15, frames_per_buffer: int = 1000) -> dict[str, Any]:
+    """ns per frame of ``_forward_fast`` itself for ``Relay`` and ``SpecialisedRelay``:
+    one buffer of whole frames walked and forwarded (to no receiver, so the chunk copy
+    is kept and the sends are left out), best of ``repeats``, the two interleaved.
+    "uniform" is 64 B frames (the column check path), "mixed" 64/96/128 B frames in
+    turn (the per-frame loop)."""
+    uniform = bytearray(market_stream(64, frames_per_buffer))
+    mixed = bytearray(b"".join(market_frame((64, 96, 128)[i % 3], i + 1)
+                               for i in range(frames_per_buffer)))
+    directory = tempfile.mkdtemp(prefix="torq-bench-loop-")
+    relays = {}
+    ours, theirs = socket.socketpair()
+    try:
+        for kind, relay_class in (("generic", Relay), ("specialised", SpecialisedRelay)):
+            relays[kind] = relay_class(logic.MarketDataLogic(), stats_interval=0,
+                                       socket_path=os.path.join(directory, f"{kind}.sock"))
+        client = Client(1, ours)
+        best = {kind: {"uniform": float("inf"), "mixed": float("inf")} for kind in relays}
+        clock = time.perf_counter_ns
+        for _ in range(repeats):
+            for kind, relay in relays.items():
+                for shape, buffer in (("uniform", uniform), ("mixed", mixed)):
+                    forward = relay._forward_fast
+                    end = len(buffer)
+                    calls = 200 if shape == "uniform" else 40
+                    started = clock()
+                    for _ in repeat(None, calls):
+                        if forward(client, buffer, end) != end:
+                            raise BenchError(f"{kind} relay did not walk the whole buffer")
+                    cost = (clock() - started) / (calls * frames_per_buffer)
+                    best[kind][shape] = min(best[kind][shape], cost)
+    finally:
+        for relay in relays.values():
+            relay.close()
+        ours.close()
+        theirs.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return best
 
 
 def median(values: list[float]) -> float:
@@ -1303,10 +1539,11 @@ def scenario_codec(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]
         for _ in repeat(None, count):
             parse_message(message)
 
-    progress(f"codec: build_message / parse_message of a Trade, best of 3 x "
+    progress(f"codec: build_message / parse_message of a Trade, best of "
+             f"{sizes.codec_repeats} x "
              f"{sizes.codec_seconds:g} s each (in this process)")
-    built = best_rate(build, sizes.codec_seconds)
-    parsed = best_rate(parse, sizes.codec_seconds)
+    built = best_rate(build, sizes.codec_seconds, sizes.codec_repeats)
+    parsed = best_rate(parse, sizes.codec_seconds, sizes.codec_repeats)
     progress(f"  build {mps(built)} msg/s, parse {mps(parsed)} msg/s")
     rows = [row("build_message (Trade), msg/s", mps(built), f"Rust {mps(RUST_BUILD_MSG_S)}",
                 f"{built / RUST_BUILD_MSG_S:.2f}x", f">= {TARGET_BUILD_MSG_S:,}",
@@ -1319,31 +1556,46 @@ def scenario_codec(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]
 
 
 def scenario_execution(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
-    frames = sizes.execution_frames
+    frames, slow_frames = sizes.execution_frames, sizes.execution_slow_frames
     started = time.monotonic()
-    stream = execution_stream(frames)
-    frame_size = len(stream) // frames
-    progress(f"execution: built {frames:,} OrderRequest frames ({frame_size} B, CRC-32) in "
-             f"{time.monotonic() - started:.1f} s")
-    progress(f"execution: checksums required, backpressure, a consumer that sleeps "
-             f"{SLOW_SLEEP_S * 1000:g} ms every {SLOW_SLEEP_EVERY_BYTES // 1024} KiB")
-    result = measure_relay("generic", stream, frames, frame_size, domain="execution",
-                           overflow="backpressure", recv_bytes=SLOW_READ_BYTES,
-                           sleep_every_bytes=SLOW_SLEEP_EVERY_BYTES, sleep_s=SLOW_SLEEP_S)
-    _check(result, "torq relay, execution")
-    stats = result["relay_stats"]
+    stream = execution_stream(max(frames, slow_frames))
+    frame_size = len(stream) // max(frames, slow_frames)
+    progress(f"execution: built {max(frames, slow_frames):,} OrderRequest frames "
+             f"({frame_size} B, CRC-32) in {time.monotonic() - started:.1f} s")
+    progress(f"execution: checksums required, backpressure, {frames:,} frames")
+    ours = measure_relay("generic", stream, frames, frame_size, domain="execution")
+    _check(ours, "torq relay, execution")
+    progress("execution: the same frames with the checks off (checksum off, no TLV "
+             "parsing): what validation costs")
+    base = measure_relay("generic", stream, frames, frame_size, domain=UNCHECKED_EXECUTION)
+    _check(base, "torq relay, execution unchecked")
     cap = SLOW_SLEEP_EVERY_BYTES / frame_size / SLOW_SLEEP_S
-    result["consumer_cap_msg_s"] = cap
-    progress(f"  relay: {stats['messages_invalid']} invalid, "
-             f"{stats['backpressure_pauses']} backpressure pauses; the consumer's sleeps "
-             f"alone cap it at {mps(cap)} msg/s")
-    ok = (result["verified"] and result["lost"] == 0
-          and result["rate"] >= TARGET_EXECUTION_MSG_S)
-    rows = [row("execution, checksums required, slow consumer",
-                f"{mps(result['rate'])} msg/s, {result['lost']} lost",
-                f"{stats['backpressure_pauses']} backpressure pauses", "-",
-                ">= 1 M msg/s, 0 lost", verdict(ok))]
-    return result, rows
+    progress(f"execution: a consumer slower than the relay (sleeps {SLOW_SLEEP_S * 1000:g} "
+             f"ms every {SLOW_SLEEP_EVERY_BYTES // 1024} KiB: at most {mps(cap)} msg/s), "
+             f"{slow_frames:,} frames")
+    slow = measure_relay("generic", stream, slow_frames, frame_size, domain="execution",
+                         recv_bytes=SLOW_READ_BYTES, sleep_every_bytes=SLOW_SLEEP_EVERY_BYTES,
+                         sleep_s=SLOW_SLEEP_S)
+    _check(slow, "torq relay, execution, slow consumer")
+    stats, slow_stats = ours["relay_stats"], slow["relay_stats"]
+    pauses = slow_stats["backpressure_pauses"]
+    progress(f"  relay: {stats['messages_invalid'] + slow_stats['messages_invalid']} "
+             f"invalid, {pauses} backpressure pauses with the slow consumer")
+    ratio = ours["rate"] / base["rate"] if base["rate"] else 0.0
+    ok = (ours["verified"] and ours["lost"] == 0 and stats["messages_invalid"] == 0
+          and ours["rate"] >= TARGET_EXECUTION_MSG_S)
+    slow_ok = slow["verified"] and slow["lost"] == 0 and slow_stats["messages_invalid"] == 0
+    rows = [row("execution, checksums required, msg/s",
+                f"{mps(ours['rate'])}, {ours['lost']} lost",
+                f"checks off {mps(base['rate'])}", f"{ratio:.2f}x", ">= 1 M, 0 lost",
+                verdict(ok)),
+            row("execution, consumer slower than the relay",
+                f"{slow['lost']} lost of {slow_frames:,}, {pauses} pauses",
+                f"consumer's own limit {mps(cap)}",
+                f"{slow['rate'] / cap:.2f}x", "0 lost (backpressure)",
+                verdict(slow_ok) + ("" if pauses else " (never paused)"))]
+    return {"relay": ours, "unchecked": base, "slow_consumer": slow,
+            "slow_consumer_cap_msg_s": cap}, rows
 
 
 def scenario_profile(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
@@ -1425,19 +1677,27 @@ def machine() -> dict[str, Any]:
             "uvloop": optional_module("uvloop"), "pyzmq": optional_module("zmq")}
 
 
-def render(rows: list[Row], markdown: bool) -> str:
-    columns = ["scenario", "ours", "baseline", "ratio", "target", "result"]
-    titles = ["scenario", "ours", "baseline (same run)", "ratio", "target", "result"]
+TABLE_COLUMNS = (("scenario", "scenario"), ("ours", "ours"),
+                 ("baseline", "baseline (same run)"), ("ratio", "ratio"),
+                 ("target", "target"), ("result", "result"))
+
+
+def render(rows: list[dict[str, str]], markdown: bool,
+           columns: tuple[tuple[str, str], ...] = TABLE_COLUMNS) -> str:
+    """The rows as an aligned text table, or as a markdown table."""
+    keys = [key for key, _ in columns]
+    titles = [title for _, title in columns]
     if markdown:
-        lines = ["| " + " | ".join(titles) + " |",
-                 "|" + "|".join(["---"] * 3 + ["---:", "---", "---"]) + "|"]
-        lines += ["| " + " | ".join(r[c].replace("|", "\\|") for c in columns) + " |"
+        lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+        lines += ["| " + " | ".join(r[k].replace("|", "\\|") for k in keys) + " |"
                   for r in rows]
         return "\n".join(lines)
-    widths = [max(len(t), *(len(r[c]) for r in rows)) for t, c in zip(titles, columns, strict=True)]
+    widths = [max(len(title), *(len(r[k]) for r in rows))
+              for k, title in zip(keys, titles, strict=True)]
     lines = ["  ".join(t.ljust(w) for t, w in zip(titles, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(r[c].ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
+    lines += ["  ".join(r[k].ljust(w) for k, w in zip(keys, widths, strict=True))
+              for r in rows]
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -1453,36 +1713,73 @@ def header_lines(info: dict[str, Any], quick: bool) -> list[str]:
     ]
 
 
-NOTES = [
-    "Throughput runs use overflow=backpressure, so every figure is loss-free; each "
-    "consumer compares every byte it receives with the expected stream (whole frames, "
-    "sequences 1..N in order) and msg/s is measured from its first byte to its last.",
-    "Publishers send pre-built batches of 1000 frames with sendall; frames are 64 B "
-    "(32 B header + one TLV of type 1 with a 30 B value) unless stated.",
-    "The asyncio baseline reads each frame with readexactly(32) + readexactly(payload) "
-    "and fans out through a bounded asyncio.Queue and a writer task per client.",
-    f"Execution: the consumer reads at most {SLOW_READ_BYTES // 1024} KiB per recv and "
-    f"sleeps {SLOW_SLEEP_S * 1000:g} ms after every {SLOW_SLEEP_EVERY_BYTES // 1024} KiB.",
-]
+NOTES = {
+    "throughput": [
+        "Throughput: the relay runs with overflow=backpressure, so every figure is "
+        "loss-free; each consumer compares every byte it receives with the expected stream "
+        "(whole frames, sequences 1..N, in order, nothing lost) and msg/s runs from its "
+        "first byte to its last. Publishers send pre-built batches of 1000 frames with "
+        "sendall; frames are 64 B (32 B header + one TLV of type 1 with a 30 B value) "
+        "unless stated.",
+        "asyncio baseline: per frame readexactly(32) + readexactly(payload_size), then "
+        "await put() into a bounded asyncio.Queue per other client, a writer task per "
+        "client doing write() + await drain(); the same harness, same processes.",
+        "ZeroMQ (when pyzmq is importable): zmq.proxy(XSUB, XPUB) in its own process over "
+        "ipc://, default high-water marks; PUB never blocks, so what it drops is "
+        "reported as lost and msg/s counts what the consumer received.",
+    ],
+    "latency": [
+        "Latency: client A sends a frame, client B answers with a new frame (same "
+        "sequence), A times the round trip; one-way = round trip / 2. Blocking sockets; "
+        f"A and B pinned to CPUs {PING_CPU} and {PONG_CPU} in both runs, the relay not; "
+        f"{LATENCY_SEGMENTS} segments alternate relay / direct and their samples are "
+        "pooled. Through the relay a message makes two hops (A -> relay -> B).",
+    ],
+    "clients_1000": [
+        "1000 clients: the relay runs with the domain's own overflow policy (drop_oldest) "
+        "and max_connections 1001 (1000 consumers + the publisher); peak RSS is VmHWM of "
+        "the relay process (a fresh spawned interpreter) from /proc.",
+    ],
+    "generic_overhead": [
+        "Generic overhead: Relay(MarketDataLogic()) vs SpecialisedRelay, a copy of "
+        "Relay._forward_fast with the domain check's key as the literal 0x0101, run "
+        "alternately; verdict on the medians of msg/s (the range of the runs in "
+        "brackets: on a shared 2-core machine it is wide, so a few % either way is "
+        "noise). The read-loop-alone rows time _forward_fast in this process on one "
+        "buffer (no sockets), best of 15: the precise comparison of the two loops.",
+    ],
+    "execution": [
+        "Execution: OrderRequest frames (66 B) with CRC-32, the execution domain "
+        "(checksum required, TLV types 40-79, backpressure). The msg/s run has a consumer "
+        "that keeps up; the slow-consumer run's consumer reads at most "
+        f"{SLOW_READ_BYTES // 1024} KiB per recv and sleeps {SLOW_SLEEP_S * 1000:g} ms after "
+        f"every {SLOW_SLEEP_EVERY_BYTES // 1024} KiB, slower than the relay, so it must "
+        "push back on the publisher and lose nothing.",
+    ],
+}
+
+
+def notes_for(names: list[str]) -> list[str]:
+    picked = []
+    for key, notes in NOTES.items():
+        if any(name.startswith(key) for name in names):
+            picked += notes
+    return picked
+
+
+PROFILE_COLUMNS = (("function", "function"), ("where", "where"), ("calls", "calls"),
+                   ("own", "own s"), ("share", "share"), ("per_frame", "own ns/frame"))
 
 
 def print_profile(top: list[dict[str, Any]], rate: float, markdown: bool) -> None:
     print()
-    print(f"relay under cProfile, 1 -> 1, 64 B ({mps(rate)} msg/s while profiled), "
-          "top 15 by own time:")
+    print(f"relay under cProfile, 1 -> 1, 64 B ({mps(rate)} msg/s while profiled; a "
+          "separate run, not one of the figures above), top 15 by own time:")
     print()
-    rows = [{"scenario": e["function"], "ours": e["where"], "baseline": f"{e['calls']:,}",
-             "ratio": f"{e['tottime_s']:.3f}", "target": f"{e['share_pct']:.1f}%",
-             "result": f"{e['ns_per_frame']:.1f}"} for e in top]
-    table = render(rows, markdown)
-    titles = ("function", "where", "calls", "own s", "share", "ns/frame")
-    lines = table.splitlines()
-    if markdown:
-        lines[0] = "| " + " | ".join(titles) + " |"
-    else:
-        widths = [len(cell) for cell in lines[1].split("  ")]
-        lines[0] = "  ".join(t.ljust(w) for t, w in zip(titles, widths, strict=False)).rstrip()
-    print("\n".join(lines))
+    rows = [{"function": e["function"], "where": e["where"], "calls": f"{e['calls']:,}",
+             "own": f"{e['tottime_s']:.3f}", "share": f"{e['share_pct']:.1f}%",
+             "per_frame": f"{e['ns_per_frame']:.1f}"} for e in top]
+    print(render(rows, markdown, PROFILE_COLUMNS))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1513,11 +1810,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: stop like Ctrl-C, cleaning up every child
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     sizes = QUICK if args.quick else FULL
-    names = [name for name in args.only if name != "profile"] if args.only else list(
-        SCENARIOS)
+    names = [name for name in SCENARIOS if name in args.only or not args.only]
     profile = args.profile or "profile" in args.only
     info = machine()
     for line in header_lines(info, args.quick):
@@ -1535,11 +1836,12 @@ def main(argv: list[str] | None = None) -> int:
             scenario_started = time.monotonic()
             try:
                 raw[name], scenario_rows = scenario(sizes, streams)
-            except BenchError as exc:
+            except Exception as exc:  # one broken scenario must not lose the others
                 errors += 1
-                progress(f"{name}: ERROR: {exc}")
-                raw[name] = {"error": str(exc)}
-                scenario_rows = [row(name, "error", "-", "-", "-", "ERROR")]
+                detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
+                progress(f"{name}: ERROR: {detail}")
+                raw[name] = {"error": detail}
+                scenario_rows = [row(name, "error (see stderr)", "-", "-", "-", "ERROR")]
             rows.extend(scenario_rows)
             progress(f"{name}: done in {time.monotonic() - scenario_started:.1f} s")
     except KeyboardInterrupt:
@@ -1547,15 +1849,16 @@ def main(argv: list[str] | None = None) -> int:
         errors += 1
     elapsed = time.monotonic() - started
 
-    print("\n".join(header_lines(info, args.quick)))
+    print(("\n\n" if args.markdown else "\n").join(header_lines(info, args.quick)))
     print()
     if rows:
         print(render(rows, args.markdown))
     print()
-    for note in NOTES:
+    notes = notes_for(list(raw))
+    for note in notes:
         print(("- " if args.markdown else "* ") + note)
-    passed = sum(r["result"] == "PASS" for r in rows)
-    failed = sum(r["result"] in ("FAIL", "ERROR") for r in rows)
+    passed = sum(r["result"].startswith("PASS") for r in rows)
+    failed = sum(r["result"].startswith(("FAIL", "ERROR")) for r in rows)
     print(f"\n{passed} targets passed, {failed} failed, in {elapsed:.0f} s.")
     if "profile" in raw and "top" in raw["profile"]:
         print_profile(raw["profile"]["top"], raw["profile"]["rate_under_profile"],
@@ -1563,7 +1866,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         document = {"machine": info, "mode": "quick" if args.quick else "full",
                     "sizes": dataclasses.asdict(sizes), "seconds": elapsed,
-                    "scenarios": raw, "table": rows, "notes": NOTES,
+                    "scenarios": raw, "table": rows, "notes": notes,
                     "passed": passed, "failed": failed}
         with open(args.json, "w") as out:
             json.dump(document, out, indent=2, default=str)
