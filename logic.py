@@ -347,24 +347,25 @@ def parse_message(data: Buffer) -> Message:
     if type(data) is not bytes:
         data = bytes(data)
     available = len(data)
-    if available < HEADER_SIZE:
-        raise ProtocolError(f"truncated header: {available} bytes, need {HEADER_SIZE}")
-    values = _unpack_header(data)
+    try:
+        values = _unpack_header(data)
+    except struct.error:
+        raise ProtocolError(
+            f"truncated header: {available} bytes, need {HEADER_SIZE}") from None
     payload_size = values[7]
-    size = HEADER_SIZE + payload_size
-    # Shaped for speed: literal MAGIC and VERSION (LOAD_CONST) in the one test that
+    # Shaped for speed: literal MAGIC, VERSION and sizes (LOAD_CONST) in the one test
     # every message passes; _check_header finds the precise reason on failure.
-    if values[0] != 0xDEADBEEF or values[2] != 1 or size != available or size > MAX_MESSAGE_SIZE:
+    if (values[0] != 0xDEADBEEF or values[2] != 1 or payload_size + 32 != available
+            or available > 1048576):
         _check_header(values, available)
         raise ProtocolError(
-            f"{available - size} bytes left over after the message "
-            f"(32 + payload_size {payload_size} = {size})")
+            f"{available - HEADER_SIZE - payload_size} bytes left over after the message "
+            f"(32 + payload_size {payload_size} = {HEADER_SIZE + payload_size})")
     if payload_size >= 2 and data[33] + 2 == payload_size and data[32] != 255:
         # Shaped for speed: one standard TLV (most messages) skips the loop, ~20% faster.
-        tlvs = [(data[32], data[34:size])]
-    else:
-        tlvs = _decode_tlvs(data, HEADER_SIZE, size)
-    return _new_tuple(Message, (_new_tuple(Header, values), tlvs))
+        return _new_tuple(Message, (_new_tuple(Header, values), [(data[32], data[34:])]))
+    return _new_tuple(Message, (_new_tuple(Header, values),
+                                _decode_tlvs(data, HEADER_SIZE, available)))
 
 
 def first_tlv_type(frame: Buffer, offset: int = 0) -> int | None:
