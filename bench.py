@@ -63,7 +63,7 @@ from logic import (
     parse_message,
     trade,
 )
-from relay import _FRAME_START, Client, Relay
+from relay import _FRAME_START, UNIFORM_RUN_MIN_BYTES, Client, Relay
 
 if TYPE_CHECKING:
     import asyncio  # imported where used: a relay process should not carry it (RSS)
@@ -413,7 +413,7 @@ class SpecialisedRelay(Relay):
         pos = start = count = total = 0
         uniform = True  # try column checks until one finds no long run in this read
         while True:
-            if uniform:
+            if uniform and end - pos >= UNIFORM_RUN_MIN_BYTES:
                 frames, size = self._uniform_run(buffer, pos, end)
                 if frames:
                     pos += frames * size
@@ -461,7 +461,8 @@ class SpecialisedRelay(Relay):
         if count:
             self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
             total += count
-        self._count_in(client, total)
+        self.messages_in += total
+        client.messages_in += total
         return pos
 
 

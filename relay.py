@@ -86,6 +86,7 @@ LISTEN_BACKLOG = 4096
 WARNING_INTERVAL_S = 1.0  # at most one drop / reject / fd warning per second per cause
 ACCEPT_RETRY_S = 0.1  # how long to stop accepting when out of file descriptors
 UNIFORM_RUN_MIN_FRAMES = 16  # column checks pay off from about this many frames
+UNIFORM_RUN_MIN_BYTES = UNIFORM_RUN_MIN_FRAMES * 32  # fewer bytes cannot hold that many
 UNIFORM_RETRY_BYTES = 16 * 1024  # policy domains: retry column checks this far on
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
 FAILED_WRITER_READS = 64  # reads (of up to 64 KiB) from a client whose write failed
@@ -623,9 +624,10 @@ class Relay:
             pos = self._forward_fast(client, buffer, end)
         else:
             pos = self._forward_checked(client, buffer, end)
-        if pos < 0:
-            return  # a framing error closed the client
-        self._keep_rest(client, buffer, pos, end)
+        if pos == end and len(buffer) == BUFFER_SIZE:
+            client.fill = 0  # the common case of _keep_rest: nothing left over
+        elif pos >= 0:  # -1: a framing error closed the client
+            self._keep_rest(client, buffer, pos, end)
 
     def _forward_fast(self, client: Client, buffer: bytearray, end: int) -> int:
         """Walk and forward frames of the default-filter, no-policy domain.
@@ -638,7 +640,7 @@ class Relay:
         pos = start = count = total = 0
         uniform = True  # try column checks until one finds no long run in this read
         while True:
-            if uniform:
+            if uniform and end - pos >= UNIFORM_RUN_MIN_BYTES:
                 frames, size = self._uniform_run(buffer, pos, end)
                 if frames:
                     pos += frames * size
@@ -686,7 +688,8 @@ class Relay:
         if count:
             self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
             total += count
-        self._count_in(client, total)
+        self.messages_in += total
+        client.messages_in += total
         return pos
 
     def _uniform_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
@@ -701,7 +704,7 @@ class Relay:
         size, frame j+1 starts exactly ``size`` bytes later. ~12 ns a frame instead
         of ~150 ns; a stream of mixed sizes falls back to the per-frame loop.
         """
-        if end - pos < UNIFORM_RUN_MIN_FRAMES * HEADER_SIZE:
+        if end - pos < UNIFORM_RUN_MIN_BYTES:
             return 0, 0
         size = HEADER_SIZE + _FRAME_START.unpack_from(buffer, pos)[2]
         frames = (end - pos) // size
