@@ -270,6 +270,7 @@ class Relay:
         self.gap_sequence = 0
         self.last_warning: dict[str, float] = {}
         self.accept_resume_at = 0.0
+        self.accept_deferred = False  # at max_connections: one loop turn granted to EOFs
         self.stopping = False
         self.serving = False
         self.stats_requested = False
@@ -520,12 +521,22 @@ class Relay:
     # -- accepting -----------------------------------------------------------------------
 
     def _accept_ready(self) -> None:
+        """Accept until the listener would block; over max_connections, accept and close.
+
+        At the limit, the first time, wait one loop turn: clients that have just left
+        (their EOF is in this same batch of events) are then gone, and a newcomer gets
+        their place instead of being refused. The listener stays readable meanwhile.
+        """
         listener = self.listener
         assert listener is not None
+        if len(self.clients) >= self.max_connections and not self.accept_deferred:
+            self.accept_deferred = True
+            return
         while True:
             try:
                 sock, _ = listener.accept()
             except _WOULD_BLOCK:
+                self.accept_deferred = False
                 return
             except OSError as exc:
                 if exc.errno in _FD_EXHAUSTED:

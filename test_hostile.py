@@ -1049,6 +1049,34 @@ def test_a_thousand_clients_all_get_a_broadcast_and_the_next_one_is_refused_and_
     assert stats["connections_rejected"] == 1
 
 
+def test_a_newcomer_arriving_as_a_client_leaves_takes_its_place_at_the_connection_limit(
+        relay_process: Callable[..., RelayProcess]) -> None:
+    """At --max-connections, a newcomer that connects while the relay is busy, just
+    before a connected client leaves, is served: the relay reads the departure (in the
+    same batch of events) before it refuses anyone."""
+    relay = relay_process("--max-connections", "3")
+    with RelayClient(relay.path, timeout=TIMEOUT_S) as consumer, \
+            RelayClient(relay.path, publish_only=True, timeout=TIMEOUT_S) as publisher:
+        leaver = RelayClient(relay.path, timeout=TIMEOUT_S)
+        relay.wait_stats(lambda s: s["connections_active"] == 3, "three clients")
+        os.kill(relay.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: relay.state() == "T", "the relay to stop")
+            newcomer = raw_client(relay.path)  # waits in the backlog
+            leaver.close()
+            time.sleep(0.02)
+        finally:
+            os.kill(relay.pid, signal.SIGCONT)
+        with newcomer:
+            relay.wait_stats(lambda s: s["connections_total"] >= 4, "the newcomer accepted")
+            publisher.send(domain_message("market_data", 7))
+            assert sequence_of(consumer.recv()) == 7
+            frame = newcomer.recv(1024)
+            assert frame and sequence_of(frame) == 7, "the newcomer was refused"
+    stats = relay.terminate()
+    assert stats["connections_rejected"] == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Exact accounting under drop_oldest and backpressure
 # ---------------------------------------------------------------------------------------
