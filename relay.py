@@ -86,7 +86,7 @@ LISTEN_BACKLOG = 4096
 WARNING_INTERVAL_S = 1.0  # at most one drop / reject / fd warning per second per cause
 ACCEPT_RETRY_S = 0.1  # how long to stop accepting when out of file descriptors
 UNIFORM_RUN_MIN_FRAMES = 16  # column checks pay off from about this many frames
-UNIFORM_RUN_MIN_BYTES = UNIFORM_RUN_MIN_FRAMES * 32  # fewer bytes cannot hold that many
+UNIFORM_RUN_MIN_BYTES = UNIFORM_RUN_MIN_FRAMES * HEADER_SIZE  # fewer bytes cannot hold that many
 UNIFORM_RETRY_BYTES = 16 * 1024  # policy domains: retry column checks this far on
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
 FAILED_WRITER_READS = 64  # reads (of up to 64 KiB) from a client whose write failed
@@ -96,9 +96,8 @@ CONNECT_PROBE_TIMEOUT_S = 1.0
 _FRAME_START = struct.Struct("<IH18xI")
 _CHECKSUM = struct.Struct("<I")
 _FRAME_KEY_VERSION = VERSION << 8
-_BYTES = [bytes((value,)) for value in range(256)]
+_BYTES = [bytes((value,)) for value in range(256)]  # one-byte bytes, no allocation per use
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
-_VANISHED = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN)
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -148,7 +147,7 @@ class Client:
         "id", "sock", "fileno", "buffer", "view", "fill", "received", "base",
         "pending", "sent", "pending_messages", "pending_bytes",
         "mode", "types", "gap_notices", "dropped_total", "dropped_unlogged",
-        "last_drop_log", "last_progress", "reading", "writing", "closed",
+        "last_drop_log", "last_progress", "blocked_at", "reading", "writing", "closed",
         "messages_in", "messages_out",
     )
 
@@ -171,7 +170,8 @@ class Client:
         self.dropped_total = 0
         self.dropped_unlogged = 0
         self.last_drop_log = 0.0
-        self.last_progress = time.monotonic()
+        self.last_progress = time.monotonic()  # the last write that made progress
+        self.blocked_at = 0.0  # when the relay paused (or stayed paused) because of it
         self.reading = True
         self.writing = False
         self.closed = False
@@ -231,8 +231,9 @@ class Relay:
         self.checksum_policy = self.logic.checksum
         self.tlv_types = self.logic.tlv_types
         self.relay_source = int(RELAY_SOURCE.get(self.domain, logic.Source.MARKET_DATA_RELAY))
-        # The default filter (domain equality) with no checksum or TLV policy is checked
-        # inline in the read loop; anything else goes through _accept_frame per frame.
+        # The default filter (domain equality) with no checksum or TLV policy takes the
+        # fast loop; otherwise _forward_checked checks this domain's frames inline and
+        # sends other frames (and every frame, for a custom filter) to _accept_frame.
         # The fast loop leaves the size check to "frame fits the buffer", which holds
         # only when the buffer never outgrows max_message_size.
         self.default_filter = logic.uses_default_filter(self.logic)
@@ -308,6 +309,8 @@ class Relay:
             st = os.lstat(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise RelayError(f"cannot use {path}: {exc.strerror or exc}") from None
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise RelayError(f"{path} exists and is not a socket; refusing to touch it: "
@@ -413,11 +416,11 @@ class Relay:
             self._loop()
             self._drain()
         finally:
-            self._release()
-            if previous:
+            if previous:  # before _release closes the wake-up socket
                 signal.set_wakeup_fd(previous_wakeup_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            self._release()
             self._log_stats(final=True)
             self.stopped.set()
 
@@ -502,9 +505,9 @@ class Relay:
 
     def _timeout(self, next_stats: float) -> float | None:
         deadline = next_stats
-        if self.paused:
-            deadline = min(deadline, self.paused_at + self.stall_timeout,
-                           *(c.last_progress + self.stall_timeout for c in self.blocking))
+        if self.paused and self.blocking:
+            deadline = min(deadline, *(max(c.blocked_at, c.last_progress) + self.stall_timeout
+                                       for c in self.blocking))
         if self.accept_resume_at:
             deadline = min(deadline, self.accept_resume_at)
         if deadline == float("inf"):
@@ -684,8 +687,6 @@ class Relay:
                 total += 1
                 self._handle_other(client, buffer, pos, nxt, domain_version & 0xFF)
                 pos = start = nxt
-                if client.closed:
-                    return -1
                 continue
             if magic == MAGIC and domain_version >> 8 == VERSION and (
                     HEADER_SIZE + payload_size <= self.max_message_size):
@@ -718,10 +719,12 @@ class Relay:
         if end - pos < UNIFORM_RUN_MIN_BYTES:
             return 0, 0
         size = HEADER_SIZE + _FRAME_START.unpack_from(buffer, pos)[2]
+        if size > self.max_message_size:
+            return 0, 0  # the frame-by-frame walk reports it as a protocol error
         frames = (end - pos) // size
         if frames < UNIFORM_RUN_MIN_FRAMES:
             return 0, 0
-        for offset, expected in self.uniform_columns(size):
+        for offset, expected in self._uniform_columns(size):
             rest = buffer[pos + offset:pos + frames * size:size].lstrip(expected)
             if rest:
                 frames -= len(rest)
@@ -763,7 +766,7 @@ class Relay:
             frames = (at - pos) // size
         return frames, size
 
-    def uniform_columns(self, size: int) -> tuple[tuple[int, bytes], ...]:
+    def _uniform_columns(self, size: int) -> tuple[tuple[int, bytes], ...]:
         """The (offset, byte) pairs every frame of ``size`` bytes of this domain has:
         magic, domain, version and payload_size. Cached per size."""
         columns = self.column_cache.get(size)
@@ -788,13 +791,15 @@ class Relay:
         max_size = self.max_message_size
         accept = self._accept_frame
         # Frames of this domain are checked inline when the filter is the default one;
-        # -1 never matches, so a custom filter sends every frame to _accept_frame.
-        key = self.domain | _FRAME_KEY_VERSION if self.default_filter else -1
+        # -1 never matches, so a custom filter (or a system-domain logic, whose frames
+        # may be control frames) sends every frame to _accept_frame.
+        inline = self.default_filter and self.domain != Domain.SYSTEM
+        key = self.domain | _FRAME_KEY_VERSION if inline else -1
         verify = self.checksum_policy != "off"
         require = self.checksum_policy == "require"
         tlv_types = self.tlv_types
         checked_run = self._checked_run
-        retry_at = 0 if self.default_filter else end  # when to try a column-checked run
+        retry_at = 0 if inline else end  # when to try a column-checked run
         last = end - HEADER_SIZE
         pos = start = count = total = 0
         while pos <= last:
@@ -847,8 +852,6 @@ class Relay:
                     count = 0
                 total += 1
                 start = nxt
-                if client.closed:
-                    return -1
             pos = nxt
         if count:
             self._broadcast(client, bytes(view[start:pos]), count)
@@ -944,7 +947,7 @@ class Relay:
                    f"frame, over max_message_size {self.max_message_size}")
         self.protocol_errors += 1
         log.warning("client %d: %s at offset %d, closing", client.id, why, offset)
-        self._close(client, why)
+        self._close(client, why, logged=True)
 
     def _keep_rest(self, client: Client, buffer: bytearray, pos: int, end: int) -> None:
         """Move an incomplete frame to the buffer's start; grow the buffer for a frame
@@ -1023,12 +1026,23 @@ class Relay:
                 client.messages_out += count
                 return
             client.sent = sent
+            if sent:
+                client.last_progress = time.monotonic()
             if not client.writing:
                 self._watch_writes(client, True)
         client.pending.append(entry)
         client.pending_messages += count
         client.pending_bytes += size
         if client.pending_messages > self.queue_limit or client.pending_bytes > self.queue_bytes:
+            if client.writing:
+                # SPEC: the limit counts what waits *after* a write was tried; the
+                # socket may have drained since the last writable event.
+                self._write_ready(client)
+                if client.pending_messages <= self.queue_limit and (
+                        client.pending_bytes <= self.queue_bytes):
+                    return
+                if client.mode == SUBSCRIBE_NONE and not client.pending:
+                    return  # the write failed: the client is leaving
             self._overflow(client)
 
     def _write_ready(self, client: Client) -> None:
@@ -1099,6 +1113,8 @@ class Relay:
         """Forward what departed clients sent before they went away, then close them."""
         while self.failed_writers:
             client = self.failed_writers.pop()
+            if self.paused:
+                continue  # reading stays paused; on resume the read path finds its EOF
             for _ in range(FAILED_WRITER_READS):
                 if client.closed:
                     break
@@ -1140,10 +1156,11 @@ class Relay:
                    f"{client.pending_bytes} bytes pending, over the limit of "
                    f"{self.queue_limit} / {self.queue_bytes}")
             log.warning("client %d: %s, disconnecting", client.id, why)
-            self._close(client, why)
+            self._close(client, why, logged=True)
         elif not self.paused:
             self._pause()
-        else:
+        elif client not in self.blocking:
+            client.blocked_at = time.monotonic()  # the stall clock starts now
             self.blocking.add(client)
 
     def _drop_oldest(self, client: Client) -> None:
@@ -1191,6 +1208,8 @@ class Relay:
         self.paused_at = time.monotonic()
         self.backpressure_pauses += 1
         self.blocking = {c for c in self.clients.values() if not self._under_low_water(c)}
+        for client in self.blocking:
+            client.blocked_at = self.paused_at  # the stall clock starts now
         for client in self.clients.values():
             client.reading = False
             self._update_events(client)
@@ -1198,6 +1217,8 @@ class Relay:
                  len(self.blocking))
 
     def _resume(self) -> None:
+        if self.stopping:
+            return  # draining: reading stays off
         self.paused = False
         for client in list(self.clients.values()):
             client.reading = True
@@ -1207,19 +1228,20 @@ class Relay:
 
     def _check_stalls(self, now: float) -> None:
         for client in list(self.blocking):
-            since = max(self.paused_at, client.last_progress)
+            since = max(client.blocked_at, client.last_progress)
             if now - since >= self.stall_timeout:
                 self.slow_disconnects += 1
                 why = (f"no write progress for {now - since:.1f} s while the relay is "
                        f"paused ({client.pending_messages} messages pending)")
                 log.warning("client %d: %s, disconnecting", client.id, why)
-                self._close(client, why)
+                self._close(client, why, logged=True)
         if self.paused and not self.blocking:
             self._resume()
 
     # -- closing and shutdown ------------------------------------------------------------
 
-    def _close(self, client: Client, why: str, vanished: bool = False) -> None:
+    def _close(self, client: Client, why: str, vanished: bool = False,
+               logged: bool = False) -> None:
         """Close one client; others never notice. Pending data is discarded."""
         if client.closed:
             return
@@ -1236,10 +1258,9 @@ class Relay:
             self.blocking.discard(client)
             if self.paused and not self.blocking:
                 self._resume()
-        if vanished:
-            log.debug("client %d: %s", client.id, why)
-        else:
-            log.info("client %d: closed: %s", client.id, why)
+        level = logging.DEBUG if vanished or logged else logging.INFO
+        log.log(level, "client %d: closed: %s (in %d, out %d, dropped %d messages)",
+                client.id, why, client.messages_in, client.messages_out, client.dropped_total)
 
     def _drain(self) -> None:
         """Stop accepting and reading; write what is pending for up to drain_timeout."""
@@ -1250,6 +1271,12 @@ class Relay:
                 pass
             self.listener.close()
         self.accept_resume_at = 0.0
+        try:
+            self.selector.unregister(self.wake_reader)  # its byte may be unread: no spin
+        except (KeyError, ValueError):
+            pass
+        self.paused = False
+        self.blocking.clear()
         for client in list(self.clients.values()):
             client.reading = False
             self._update_events(client)

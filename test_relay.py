@@ -17,6 +17,7 @@ accepts them, so a test that connects clients one by one knows each one's id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -337,6 +338,46 @@ def test_frame_of_exactly_max_message_size_passes_and_one_byte_more_is_a_protoco
     relay.wait_for(lambda: relay.stats().protocol_errors == 1)
     with pytest.raises((EOFError, ConnectionError)):
         publisher.recv()
+
+
+@pytest.mark.parametrize("domain, size", [(Domain.MARKET_DATA, 74), (Domain.EXECUTION, 66)],
+                         ids=["market_data", "execution"])
+def test_a_run_of_same_size_frames_over_max_message_size_is_a_protocol_error(
+        start_relay, domain, size):
+    """Twenty frames one byte over the limit in one send (the column-checked path) are
+    refused exactly as one such frame would be."""
+    logic_ = MarketDataLogic() if domain == Domain.MARKET_DATA else ExecutionLogic()
+    relay = start_relay(logic_, max_message_size=size - 1)
+    consumer = relay.client()
+    publisher = relay.client()
+    relay.wait_clients(2)
+    publisher.send_many([make_frame(seq, domain=domain, size=size) for seq in range(1, 21)])
+    relay.wait_for(lambda: relay.stats().protocol_errors == 1)
+    with pytest.raises((EOFError, ConnectionError)):
+        publisher.recv()
+    assert_nothing_more(consumer)
+    assert relay.stats().messages_out == 0
+
+
+def test_a_system_domain_logic_applies_control_frames_and_never_forwards_them(start_relay):
+    class SystemLogic(logic.BaseLogic):
+        name = "system"
+        domain = Domain.SYSTEM
+        max_message_size = 4096
+
+    relay = start_relay(SystemLogic())
+    listener = relay.client()
+    quiet = relay.client(publish_only=True)  # a RELAY_SUBSCRIBE in a domain-4 relay
+    relay.wait_clients(2)
+    wait_in(relay, 1)
+    heartbeats = [build_message(Domain.SYSTEM, 60, [logic.heartbeat(TS, seq)], sequence=seq,
+                                timestamp_ns=TS) for seq in range(1, 41)]
+    quiet.send_many(heartbeats)  # a same-size run: the column-checked path
+    assert recv_n(listener, 40) == heartbeats
+    listener.send(heartbeats[0])
+    wait_in(relay, 42)
+    assert_nothing_more(quiet)  # publish-only was applied, and it was never forwarded
+    assert_nothing_more(listener)
 
 
 def test_same_size_runs_with_a_foreign_frame_and_a_control_frame_inside_forward_the_rest(
@@ -1191,6 +1232,15 @@ def test_socket_path_too_long_for_af_unix_raises_relay_error_naming_it(socket_di
     assert not os.path.lexists(path)
 
 
+def test_a_socket_path_under_a_regular_file_raises_relay_error_naming_it(socket_dir):
+    blocker = os.path.join(socket_dir, "plain-file")
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    path = os.path.join(blocker, "relay.sock")
+    with pytest.raises(RelayError, match=re.escape(blocker)):
+        Relay(MarketDataLogic(), socket_path=path, stats_interval=0)
+
+
 def test_shutdown_removes_the_socket_file(start_relay, socket_path):
     relay = start_relay()
     relay.stop()
@@ -1381,6 +1431,83 @@ def test_shutdown_gives_up_on_a_consumer_that_does_not_read_after_drain_timeout(
     assert not relay.thread.is_alive(), "serve_forever did not return"
     got = [seq_of(frame) for frame in read_until_closed(idle)]
     assert got == list(range(1, len(got) + 1)) and len(got) < total
+
+
+def counted_select(relay: Relay) -> list[float]:
+    """Record the time of every selector.select call the relay's loop makes."""
+    calls: list[float] = []
+    select = relay.selector.select
+
+    def counting(timeout: float | None = None) -> list[Any]:
+        calls.append(time.monotonic())
+        return select(timeout)
+
+    relay.selector.select = counting  # type: ignore[method-assign]
+    return calls
+
+
+def test_shutdown_drains_without_spinning_the_loop(socket_path):
+    relay = Relay(MarketDataLogic(), socket_path=socket_path, stats_interval=0,
+                  queue_limit=100_000, drain_timeout=0.5)
+    calls = counted_select(relay)
+    running = RunningRelay(relay)
+    try:
+        idle = running.client()  # never reads: its queue cannot drain
+        publisher = running.client(publish_only=True)
+        running.wait_clients(2)
+        wait_in(running, 1)
+        batch = b"".join(make_frame(seq) for seq in range(1, 1001))
+
+        def stream() -> None:  # keep the loop busy (busy polling) until the relay stops
+            with contextlib.suppress(OSError):
+                while not relay.stopped.is_set():
+                    publisher.send(batch)
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        wait_in(running, 5001)
+        stopping = time.monotonic()
+        relay.shutdown()
+        assert relay.stopped.wait(TIMEOUT_S)
+        streaming.join(TIMEOUT_S)
+        during_drain = [t for t in calls if t >= stopping]
+        assert len(during_drain) < 1000, f"{len(during_drain)} select calls while draining"
+        idle.close()
+        publisher.close()
+    finally:
+        running.stop()
+
+
+def test_a_paused_relay_sleeps_while_a_slow_consumer_keeps_making_progress(socket_path):
+    """Backpressure for longer than stall_timeout, with a consumer that keeps reading a
+    little: nobody is disconnected, and the loop waits instead of spinning."""
+    relay = Relay(ExecutionLogic(), socket_path=socket_path, stats_interval=0,
+                  queue_limit=100, stall_timeout=0.3, busy_poll=0)
+    calls = counted_select(relay)
+    running = RunningRelay(relay)
+    try:
+        consumer = running.client()
+        publisher = running.client(publish_only=True)
+        running.wait_clients(2)
+        wait_in(running, 1)
+        total = 3000
+        frames = [make_frame(seq, domain=Domain.EXECUTION, size=4000) for seq in range(1, 301)]
+        sender = threading.Thread(target=lambda: [publisher.send(f) for f in frames * 10])
+        sender.start()
+        running.wait_for(lambda: relay.stats().backpressure_pauses >= 1)
+        started = len(calls)
+        received = []
+        for _ in range(20):  # ~1 s, well past stall_timeout, with progress every 50 ms
+            received += recv_n(consumer, 10)
+            time.sleep(0.05)
+        assert len(calls) - started < 2000, f"{len(calls) - started} select calls in ~1 s"
+        while len(received) < total:
+            received.append(consumer.recv())
+        sender.join(TIMEOUT_S)
+        assert received == frames * 10
+        assert relay.stats().slow_disconnects == 0
+    finally:
+        running.stop()
 
 
 def test_stats_line_is_logged_every_stats_interval_with_rates(start_relay, caplog):
