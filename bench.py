@@ -446,8 +446,6 @@ class SpecialisedRelay(Relay):
                 total += 1
                 self._handle_other(client, buffer, pos, nxt, domain_version & 0xFF)
                 pos = start = nxt
-                if client.closed:
-                    return -1
                 continue
             if magic == MAGIC and domain_version >> 8 == VERSION and (
                     HEADER_SIZE + payload_size <= self.max_message_size):
