@@ -1440,24 +1440,31 @@ def scenario_generic_overhead(sizes: Sizes, streams: StreamCache) -> tuple[dict,
     rounds = sizes.generic_rounds
     spread = {kind: f"{min(rates) / 1e6:.2f}-{max(rates) / 1e6:.2f} M"
               for kind, rates in runs.items()}
-    rows = [row("generic Relay vs hand-specialised",
-                f"generic {mps(generic)} msg/s ({spread['generic']})",
-                f"specialised {mps(special)} msg/s ({spread['specialised']})",
-                f"{abs(slower_pct):.1f}% {'slower' if slower_pct > 0 else 'faster'}",
-                f"<= {TARGET_GENERIC_SLOWER_PCT:.0f}% slower (medians of {rounds})",
-                verdict(slower_pct <= TARGET_GENERIC_SLOWER_PCT)
-                + ("" if in_step else " (stale copy: see bench.py SpecialisedRelay)")),
-            row("  same runs, relay CPU per message", f"generic {generic_cpu:.1f} ns",
-                f"specialised {special_cpu:.1f} ns",
-                f"{abs(cpu_pct):.1f}% {'more' if cpu_pct > 0 else 'less'}", "(no target)",
-                "info")]
+    # The verdict rests on the read loop timed in process (best of 15, interleaved):
+    # the two relays differ only inside that loop, and end-to-end runs on a shared
+    # 2-core machine swing by +-30% between runs of identical code.
+    rows = []
+    loop_pcts = []
     for shape, label in (("uniform", "64 B frames"), ("mixed", "mixed sizes")):
         g, h = loop["generic"][shape], loop["specialised"][shape]
         pct = (g / h - 1.0) * 100.0
-        rows.append(row(f"  read loop alone, {label}", f"generic {g:.1f} ns/frame",
-                        f"specialised {h:.1f} ns/frame",
+        loop_pcts.append(pct)
+        rows.append(row(f"generic Relay vs hand-specialised, read loop, {label}",
+                        f"generic {g:.1f} ns/frame", f"specialised {h:.1f} ns/frame",
                         f"{abs(pct):.1f}% {'slower' if pct > 0 else 'faster'}",
-                        "(no target)", "info"))
+                        f"<= {TARGET_GENERIC_SLOWER_PCT:.0f}% slower",
+                        verdict(pct <= TARGET_GENERIC_SLOWER_PCT)
+                        + ("" if in_step else " (stale copy: see bench.py SpecialisedRelay)")))
+    raw["generic_loop_slower_pct"] = max(loop_pcts)
+    rows += [row("  end to end, 1 -> 1, 64 B (medians)",
+                 f"generic {mps(generic)} msg/s ({spread['generic']})",
+                 f"specialised {mps(special)} msg/s ({spread['specialised']})",
+                 f"{abs(slower_pct):.1f}% {'slower' if slower_pct > 0 else 'faster'}",
+                 f"(medians of {rounds}; noisy)", "info"),
+             row("  same runs, relay CPU per message", f"generic {generic_cpu:.1f} ns",
+                 f"specialised {special_cpu:.1f} ns",
+                 f"{abs(cpu_pct):.1f}% {'more' if cpu_pct > 0 else 'less'}", "(no target)",
+                 "info")]
     return raw, rows
 
 
@@ -1741,11 +1748,12 @@ NOTES = {
     ],
     "generic_overhead": [
         "Generic overhead: Relay(MarketDataLogic()) vs SpecialisedRelay, a copy of "
-        "Relay._forward_fast with the domain check's key as the literal 0x0101, run "
-        "alternately; verdict on the medians of msg/s (the range of the runs in "
-        "brackets: on a shared 2-core machine it is wide, so a few % either way is "
-        "noise). The read-loop-alone rows time _forward_fast in this process on one "
-        "buffer (no sockets), best of 15: the precise comparison of the two loops.",
+        "Relay._forward_fast with the domain check's key as the literal 0x0101. The "
+        "verdict rows time _forward_fast itself in this process on one buffer (no "
+        "sockets), best of 15, interleaved: the two relays differ only there. The "
+        "end-to-end rows run both relays alternately in the 1 -> 1 harness (medians, "
+        "the range of the runs in brackets): on a shared 2-core machine identical code "
+        "swings by +-30% between runs, so they are shown for information only.",
     ],
     "execution": [
         "Execution: OrderRequest frames (66 B) with CRC-32, the execution domain "
