@@ -10,6 +10,7 @@ asserts what the *other* clients still get, and what the counters and logs say.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -144,6 +145,18 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOU
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def relay_stopped(relay: RelayProcess) -> Iterator[None]:
+    """Stop the relay process (SIGSTOP, as a busy host would) for the ``with`` body, so
+    what the body does reaches it as one batch of events when it runs again."""
+    os.kill(relay.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: relay.state() == "T", "the relay to stop")
+        yield
+    finally:
+        os.kill(relay.pid, signal.SIGCONT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -887,9 +900,7 @@ def test_a_consumer_that_caught_up_while_the_relay_was_descheduled_is_not_cut_of
             assert sequence_of(fast.recv()) == sequence
         assert relay.stats()["slow_disconnects"] == 0
 
-        os.kill(relay.pid, signal.SIGSTOP)
-        try:
-            wait_until(lambda: relay.state() == "T", "the relay to stop")
+        with relay_stopped(relay):
             publisher.send_many(domain_message("signal", s) for s in range(13, 33))
             time.sleep(0.02)
             slow.setblocking(False)
@@ -899,8 +910,6 @@ def test_a_consumer_that_caught_up_while_the_relay_was_descheduled_is_not_cut_of
             except BlockingIOError:
                 pass
             time.sleep(0.02)
-        finally:
-            os.kill(relay.pid, signal.SIGCONT)
         try:
             got = [sequence_of(fast.recv()) for _ in range(20)]
             publisher.send(domain_message("signal", 33))
@@ -930,16 +939,12 @@ def test_messages_a_client_sent_just_before_leaving_are_delivered_even_if_writte
             RelayClient(relay.path, publish_only=True, timeout=TIMEOUT_S) as publisher:
         leaver = RelayClient(relay.path, timeout=TIMEOUT_S)
         relay.wait_stats(lambda s: s["connections_active"] == 3, "three clients")
-        os.kill(relay.pid, signal.SIGSTOP)
-        try:
-            wait_until(lambda: relay.state() == "T", "the relay to stop")
+        with relay_stopped(relay):
             publisher.send(domain_message("market_data", 1, source=1))
             time.sleep(0.02)
             leaver.send(domain_message("market_data", 2, source=2))
             leaver.close()
             time.sleep(0.02)
-        finally:
-            os.kill(relay.pid, signal.SIGCONT)
         got = []
         try:
             for _ in range(2):
@@ -1064,14 +1069,10 @@ def test_a_newcomer_arriving_as_a_client_leaves_takes_its_place_at_the_connectio
             RelayClient(relay.path, publish_only=True, timeout=TIMEOUT_S) as publisher:
         leaver = RelayClient(relay.path, timeout=TIMEOUT_S)
         relay.wait_stats(lambda s: s["connections_active"] == 3, "three clients")
-        os.kill(relay.pid, signal.SIGSTOP)
-        try:
-            wait_until(lambda: relay.state() == "T", "the relay to stop")
+        with relay_stopped(relay):
             newcomer = raw_client(relay.path)  # waits in the backlog
             leaver.close()
             time.sleep(0.02)
-        finally:
-            os.kill(relay.pid, signal.SIGCONT)
         with newcomer:
             relay.wait_stats(lambda s: s["connections_total"] >= 4, "the newcomer accepted")
             publisher.send(domain_message("market_data", 7))
