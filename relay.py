@@ -7,6 +7,7 @@ client, whole and in order. Copy this file and ``logic.py`` into your repository
     python relay.py --domain market_data tail            # print every message
     python relay.py --domain market_data send --count 5  # publish five Trades
 
+    import threading
     from logic import MarketDataLogic, build_message, trade
     from relay import Relay, RelayClient
     relay = Relay(MarketDataLogic(), socket_path="/tmp/x.sock")
