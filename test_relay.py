@@ -1481,8 +1481,11 @@ def test_shutdown_drains_without_spinning_the_loop(socket_path):
 def test_a_paused_relay_sleeps_while_a_slow_consumer_keeps_making_progress(socket_path):
     """Backpressure for longer than stall_timeout, with a consumer that keeps reading a
     little: nobody is disconnected, and the loop waits instead of spinning."""
+    # One pause lasts well over stall_timeout: from 1000 queued frames down to the low
+    # water mark (250) at ~400 frames/s. The consumer makes write progress every
+    # ~0.1 s (it must drain ~160 KB of its socket before the relay may write again).
     relay = Relay(ExecutionLogic(), socket_path=socket_path, stats_interval=0,
-                  queue_limit=100, stall_timeout=0.3, busy_poll=0)
+                  queue_limit=1000, stall_timeout=0.5, busy_poll=0)
     calls = counted_select(relay)
     running = RunningRelay(relay)
     try:
@@ -1497,9 +1500,10 @@ def test_a_paused_relay_sleeps_while_a_slow_consumer_keeps_making_progress(socke
         running.wait_for(lambda: relay.stats().backpressure_pauses >= 1)
         started = len(calls)
         received = []
-        for _ in range(20):  # ~1 s, well past stall_timeout, with progress every 50 ms
-            received += recv_n(consumer, 10)
+        for _ in range(20):  # ~1 s, well past stall_timeout, still paused
+            received += recv_n(consumer, 20)
             time.sleep(0.05)
+        assert relay.paused, "the pause should outlast this slow reading"
         assert len(calls) - started < 2000, f"{len(calls) - started} select calls in ~1 s"
         while len(received) < total:
             received.append(consumer.recv())
