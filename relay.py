@@ -863,24 +863,15 @@ class Relay:
     def _accept_frame(self, client: Client, buffer: bytearray, pos: int, end: int,
                       domain: int) -> bool:
         """True to forward the whole frame ``buffer[pos:end]``; otherwise it has been
-        handled (control frame) or counted (filtered / invalid)."""
+        applied (control frame) or counted (filtered / invalid)."""
         if domain == Domain.SYSTEM and self._is_control(buffer, pos, end):
-            self._handle_other(client, buffer, pos, end, domain)
+            self._apply_control(client, bytes(buffer[pos:end]), pos)
             return False
-        policy = self.checksum_policy
-        if policy != "off":
+        if not logic.checksum_ok(buffer, self.checksum_policy, pos, end):
             stored = _CHECKSUM.unpack_from(buffer, pos + CHECKSUM_OFFSET)[0]
-            if stored == 0:
-                if policy == "require":
-                    self._invalid(client, "checksum required but 0", pos)
-                    return False
-            else:
-                view = memoryview(buffer)
-                crc = zlib.crc32(view[pos + HEADER_SIZE:end],
-                                 zlib.crc32(view[pos:pos + CHECKSUM_OFFSET]))
-                if crc != stored:
-                    self._invalid(client, f"checksum 0x{stored:08x} != 0x{crc:08x}", pos)
-                    return False
+            self._invalid(client, f"checksum 0x{stored:08x} fails the "
+                          f"{self.checksum_policy!r} policy", pos)
+            return False
         tlv_types = self.tlv_types
         if tlv_types is not None and not logic.tlvs_ok(buffer, tlv_types, pos, end):
             self._invalid(client, "malformed TLV or type outside "
@@ -896,11 +887,9 @@ class Relay:
 
     def _handle_other(self, client: Client, buffer: bytearray, pos: int, end: int,
                       domain: int) -> None:
-        """A whole frame the fast loop stopped at: a control frame, or a message the
-        domain's rules decide on."""
-        if domain == Domain.SYSTEM and self._is_control(buffer, pos, end):
-            self._apply_control(client, bytes(buffer[pos:end]), pos)
-        elif self._accept_frame(client, buffer, pos, end, domain):
+        """A whole frame the fast loop stopped at (a control frame, or a message of
+        another domain): the domain's rules decide on it alone."""
+        if self._accept_frame(client, buffer, pos, end, domain):
             self._broadcast(client, bytes(buffer[pos:end]), 1)
 
     @staticmethod
