@@ -1,9 +1,11 @@
-"""Shared pytest fixtures: short socket directories, relays in threads, CLI processes."""
+"""Shared pytest fixtures and helpers: short socket directories, relays in threads, CLI
+processes, waiting, raw sockets and frame header getters."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,55 @@ from relay import Relay, RelayClient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 5.0  # every socket and wait in the tests is bounded by this
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers: waiting, raw sockets, frame header fields
+# ---------------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], what: str = "the condition",
+               timeout: float = TIMEOUT_S, poll_s: float = 0.005) -> None:
+    """Poll ``predicate`` every ``poll_s`` until true; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def connect_raw(path: str, timeout: float = TIMEOUT_S) -> socket.socket:
+    """A plain Unix socket connected to ``path`` with ``timeout`` (for misbehaving clients)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def leave_stale_socket(path: str) -> None:
+    """Leave a socket file at ``path`` that nobody listens on, as a killed relay does."""
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # bound, never listening, then closed: the file stays
+    stale.close()
+
+
+def domain_of(frame: bytes) -> int:
+    """The relay domain byte of ``frame``'s header."""
+    return int(logic.HEADER.unpack_from(frame)[1])
+
+
+def source_of(frame: bytes) -> int:
+    """The source id of ``frame``'s header."""
+    return int(logic.HEADER.unpack_from(frame)[3])
+
+
+def sequence_of(frame: bytes) -> int:
+    """The sequence number of ``frame``'s header."""
+    return int(logic.HEADER.unpack_from(frame)[5])
 
 
 @pytest.fixture
@@ -55,12 +106,11 @@ class RunningRelay:
         return self.relay.stats()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
-        """Poll ``predicate`` until true; fail the test after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting; stats: {self.relay.stats()}")
-            time.sleep(0.005)
+        """Poll ``predicate`` until true; fail the test after ``timeout``, with the stats."""
+        try:
+            wait_until(predicate, "the relay", timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; stats: {self.relay.stats()}") from None
 
     def wait_clients(self, n: int) -> None:
         """Wait until the relay has accepted ``n`` clients in total."""

@@ -19,6 +19,7 @@ payload of TLVs; see PROTOCOL.md. ``RelayLogic`` is what differs between relay d
 from __future__ import annotations
 
 import enum
+import json
 import struct
 import time
 import zlib
@@ -27,18 +28,26 @@ from dataclasses import dataclass, fields
 from operator import itemgetter
 from typing import NamedTuple, Protocol, runtime_checkable
 
+__version__ = "0.2.0"
+
 __all__ = [
-    "MAGIC", "VERSION", "HEADER", "HEADER_SIZE", "MAX_MESSAGE_SIZE", "MAX_TLV_VALUE_SIZE",
+    "__version__", "MAGIC", "VERSION", "HEADER", "HEADER_SIZE", "MAX_MESSAGE_SIZE", "MAX_TLV_VALUE_SIZE",
     "Domain", "Source", "TLV_NAMES", "RELAY_SOURCE",
     "TLV_TRADE", "TLV_QUOTE", "TLV_GAS_PRICE", "TLV_SIGNAL_IDENTITY", "TLV_ORDER_REQUEST",
-    "TLV_HEARTBEAT", "RELAY_SUBSCRIBE", "RELAY_GAP",
+    "TLV_HEARTBEAT", "RELAY_SUBSCRIBE", "RELAY_GAP", "RELAY_QUERY", "RELAY_REPORT",
+    "RELAY_REPLAY", "RELAY_LIVE", "CLIENT_RECONNECTED", "QUERY_STATS", "QUERY_CLIENTS",
     "SUBSCRIBE_ALL", "SUBSCRIBE_TYPES", "SUBSCRIBE_NONE", "SUBSCRIBE_GAP_NOTICES",
+    "SUBSCRIBE_BRIDGE", "FRAME_START", "FRAME_PREFIX", "CHECKSUM", "CHECKSUM_OFFSET",
+    "PAYLOAD_SIZE_OFFSET", "frame_prefix",
     "ProtocolError", "Header", "Message", "Trade", "GasPrice", "Subscription", "Gap",
+    "Replay", "Live", "Reconnected",
     "build_message", "parse_message", "parse_header", "iter_tlvs", "encode_tlvs",
     "compute_checksum", "verify_checksum", "checksum_ok", "tlvs_ok",
     "trade", "decode_trade", "gas_price", "decode_gas_price",
     "signal_identity", "order_request", "heartbeat",
-    "subscribe_message", "decode_subscribe", "gap_message", "decode_gap", "first_tlv_type",
+    "subscribe_message", "decode_subscribe", "decode_replay", "gap_message", "decode_gap",
+    "first_tlv_type", "query_message", "decode_query", "report_message", "decode_report",
+    "live_message", "decode_live", "reconnected_message", "decode_reconnected",
     "RelayLogic", "BaseLogic", "MarketDataLogic", "SignalLogic", "ExecutionLogic",
     "OVERFLOW_POLICIES", "CHECKSUM_POLICIES", "LOGICS", "register_logic", "get_logic",
     "validate_logic", "uses_default_filter",
@@ -59,8 +68,19 @@ MAX_MESSAGE_SIZE = 1 << 20  # 1 MiB: no domain may raise its limit above this
 MAX_TLV_VALUE_SIZE = 0xFFFF  # extended TLV length is a u16
 EXTENDED_TLV = 0xFF
 
+PAYLOAD_SIZE_OFFSET = 24
+
+#: The fields a relay checks on every frame: magic u32, domain u8 and version u8 read as
+#: one u16 (domain in the low byte), payload_size u32.
+FRAME_START = struct.Struct("<IH18xI")
+#: The same fields as the 6 bytes magic+domain+version and payload_size: a frame of a
+#: known domain is then one ``bytes`` comparison (``frame_prefix``).
+FRAME_PREFIX = struct.Struct("<6s18xI")
+#: The checksum field, at ``CHECKSUM_OFFSET``.
+CHECKSUM = struct.Struct("<I")
+
 _HEADER_AND_TLV = struct.Struct("<IBBBBQQIIBB")  # header + one standard TLV header
-_CHECKSUM = struct.Struct("<I")
+_CHECKSUM = CHECKSUM
 _EXTENDED_HEAD = struct.Struct("<BBBH")  # 0xFF, 0x00, type, length u16
 _U16 = struct.Struct("<H")
 
@@ -114,6 +134,11 @@ TLV_HEARTBEAT = 100
 TLV_ERROR = 102
 RELAY_SUBSCRIBE = 113
 RELAY_GAP = 114
+RELAY_QUERY = 115
+RELAY_REPORT = 116
+RELAY_REPLAY = 117
+RELAY_LIVE = 118
+CLIENT_RECONNECTED = 119  # made by a reconnecting client itself, never sent on the wire
 
 #: Human names of the TLV types this project knows (``tail`` prints them).
 TLV_NAMES = {
@@ -122,7 +147,9 @@ TLV_NAMES = {
     TLV_ARBITRAGE_SIGNAL: "ArbitrageSignal", TLV_ORDER_REQUEST: "OrderRequest",
     TLV_ORDER_STATUS: "OrderStatus", TLV_FILL: "Fill", TLV_ORDER_CANCEL: "OrderCancel",
     TLV_HEARTBEAT: "Heartbeat", TLV_ERROR: "Error",
-    RELAY_SUBSCRIBE: "RelaySubscribe", RELAY_GAP: "RelayGap",
+    RELAY_SUBSCRIBE: "RelaySubscribe", RELAY_GAP: "RelayGap", RELAY_QUERY: "RelayQuery",
+    RELAY_REPORT: "RelayReport", RELAY_REPLAY: "RelayReplay", RELAY_LIVE: "RelayLive",
+    CLIENT_RECONNECTED: "ClientReconnected",
 }
 
 # RELAY_SUBSCRIBE modes and flags (SPEC.md "Control frames").
@@ -130,6 +157,11 @@ SUBSCRIBE_ALL = 0
 SUBSCRIBE_TYPES = 1
 SUBSCRIBE_NONE = 2
 SUBSCRIBE_GAP_NOTICES = 0x01
+SUBSCRIBE_BRIDGE = 0x02  # a bridge: never receives what another bridge published
+
+# RELAY_QUERY "what" values (SPEC.md "Operating a running relay").
+QUERY_STATS = 1
+QUERY_CLIENTS = 2
 
 
 _new_tuple = tuple.__new__
@@ -368,6 +400,11 @@ def parse_message(data: Buffer) -> Message:
                                 _decode_tlvs(data, HEADER_SIZE, available)))
 
 
+def frame_prefix(domain: int) -> bytes:
+    """The first 6 bytes of every frame of ``domain``: magic, domain, version."""
+    return struct.pack("<IBB", MAGIC, domain, VERSION)
+
+
 def first_tlv_type(frame: Buffer, offset: int = 0) -> int | None:
     """The type of the first TLV of the frame at ``offset``, or None if it has none."""
     payload_size = HEADER.unpack_from(frame, offset)[7]
@@ -448,6 +485,9 @@ _SIGNAL_IDENTITY = struct.Struct("<QHBBI")  # 16 bytes
 _ORDER_REQUEST = struct.Struct("<QQqIBBH")  # 32 bytes
 _HEARTBEAT = struct.Struct("<QQ")  # 16 bytes
 _GAP = struct.Struct("<QQ")  # 16 bytes
+_REPLAY = struct.Struct("<IQ")  # 12 bytes
+_LIVE = struct.Struct("<II")  # 8 bytes
+_RECONNECTED = struct.Struct("<QI")  # 12 bytes
 
 
 class Trade(NamedTuple):
@@ -479,6 +519,32 @@ class Subscription(NamedTuple):
     mode: int
     gap_notices: bool
     tlv_types: frozenset[int]
+    bridge: bool = False
+
+
+class Replay(NamedTuple):
+    """The value of a ``RELAY_REPLAY`` TLV (beside ``RELAY_SUBSCRIBE``): the retained
+    messages among the ``last`` most recent (0: no count bound) with a header timestamp
+    ``>= since_ns`` (0: no time bound)."""
+
+    last: int = 0
+    since_ns: int = 0
+
+
+class Live(NamedTuple):
+    """The value of the ``RELAY_LIVE`` marker that ends a replay: how many messages the
+    replay held, and how many of the ``last`` asked for were no longer retained."""
+
+    replayed: int
+    unavailable: int
+
+
+class Reconnected(NamedTuple):
+    """The value of the ``CLIENT_RECONNECTED`` notice a reconnecting client puts in its
+    own stream: how long the relay was away and how many connects it took."""
+
+    outage_ns: int
+    attempts: int
 
 
 class Gap(NamedTuple):
@@ -548,20 +614,28 @@ def heartbeat(timestamp_ns: int, sequence: int) -> tuple[int, bytes]:
 
 
 def subscribe_message(mode: int = SUBSCRIBE_ALL, tlv_types: Iterable[int] = (),
-                      gap_notices: bool = False, *, source: int = 0) -> bytes:
+                      gap_notices: bool = False, *, bridge: bool = False,
+                      replay: Replay | None = None, source: int = 0) -> bytes:
     """A ``RELAY_SUBSCRIBE`` control frame for the relay (never forwarded).
 
     ``mode`` 0 receives everything, 1 only messages whose first TLV type is in
     ``tlv_types``, 2 nothing (publish only); ``gap_notices`` asks for ``RELAY_GAP``
-    frames after messages were dropped for this client.
+    frames after messages were lost for this client; ``bridge`` marks a bridge (it never
+    receives what another bridge published). ``replay`` adds a ``RELAY_REPLAY`` TLV:
+    the relay first sends the retained messages it selects, then a ``RELAY_LIVE``
+    marker, then live traffic.
     """
     if mode not in (SUBSCRIBE_ALL, SUBSCRIBE_TYPES, SUBSCRIBE_NONE):
         raise ProtocolError(f"unknown subscribe mode {mode}; use 0 all, 1 types, 2 none")
     types = sorted(set(tlv_types))
     if any(not 0 <= t < EXTENDED_TLV for t in types):
         raise ProtocolError(f"subscribe TLV types must be 0..254, got {types}")
-    value = bytes((mode, SUBSCRIBE_GAP_NOTICES if gap_notices else 0, *types))
-    return build_message(Domain.SYSTEM, source, [(RELAY_SUBSCRIBE, value)])
+    flags = (SUBSCRIBE_GAP_NOTICES if gap_notices else 0) | (SUBSCRIBE_BRIDGE if bridge else 0)
+    tlvs = [(RELAY_SUBSCRIBE, bytes((mode, flags, *types)))]
+    if replay is not None:
+        tlvs.append((RELAY_REPLAY, _pack(_REPLAY, "RELAY_REPLAY", replay.last,
+                                         replay.since_ns)))
+    return build_message(Domain.SYSTEM, source, tlvs)
 
 
 def decode_subscribe(value: Buffer) -> Subscription:
@@ -571,7 +645,14 @@ def decode_subscribe(value: Buffer) -> Subscription:
     mode = value[0]
     if mode not in (SUBSCRIBE_ALL, SUBSCRIBE_TYPES, SUBSCRIBE_NONE):
         raise ProtocolError(f"unknown RELAY_SUBSCRIBE mode {mode}; expected 0, 1 or 2")
-    return Subscription(mode, bool(value[1] & SUBSCRIBE_GAP_NOTICES), frozenset(value[2:]))
+    flags = value[1]
+    return Subscription(mode, bool(flags & SUBSCRIBE_GAP_NOTICES), frozenset(value[2:]),
+                        bool(flags & SUBSCRIBE_BRIDGE))
+
+
+def decode_replay(value: Buffer) -> Replay:
+    """Decode a ``RELAY_REPLAY`` value: ``last u32 | since_ns u64``."""
+    return Replay(*_unpack(_REPLAY, "RELAY_REPLAY", value))
 
 
 def gap_message(dropped: int, total_dropped: int, *, source: int = Source.MARKET_DATA_RELAY,
@@ -584,6 +665,71 @@ def gap_message(dropped: int, total_dropped: int, *, source: int = Source.MARKET
 def decode_gap(value: Buffer) -> Gap:
     """Decode a ``RELAY_GAP`` value: ``dropped u64 | total_dropped u64``."""
     return Gap(*_unpack(_GAP, "RELAY_GAP", value))
+
+
+def query_message(what: int, *, source: int = 0) -> bytes:
+    """A ``RELAY_QUERY`` control frame: ``what`` is ``QUERY_STATS`` or ``QUERY_CLIENTS``.
+    The relay answers the asking client alone with one ``RELAY_REPORT`` frame."""
+    if what not in (QUERY_STATS, QUERY_CLIENTS):
+        raise ProtocolError(f"unknown RELAY_QUERY {what}; use 1 stats or 2 clients")
+    return build_message(Domain.SYSTEM, source, [(RELAY_QUERY, bytes((what,)))])
+
+
+def decode_query(value: Buffer) -> int:
+    """Decode a ``RELAY_QUERY`` value (``what u8``); ``ProtocolError`` if unknown."""
+    if len(value) != 1 or value[0] not in (QUERY_STATS, QUERY_CLIENTS):
+        raise ProtocolError(f"RELAY_QUERY value {bytes(value).hex() or 'empty'} is not "
+                            "1 (stats) or 2 (clients)")
+    return int(value[0])
+
+
+def report_message(document: bytes, *, source: int = Source.MARKET_DATA_RELAY,
+                   sequence: int = 0) -> bytes:
+    """A ``RELAY_REPORT`` frame: ``document`` (UTF-8 JSON) cut into extended TLVs of at
+    most 65,535 bytes each, whose values, concatenated, are the document again."""
+    pieces = [(RELAY_REPORT, document[at:at + MAX_TLV_VALUE_SIZE])
+              for at in range(0, len(document), MAX_TLV_VALUE_SIZE)] or [(RELAY_REPORT, b"")]
+    payload = b"".join(_EXTENDED_HEAD.pack(EXTENDED_TLV, 0, t, len(v)) + v for t, v in pieces)
+    if HEADER_SIZE + len(payload) > MAX_MESSAGE_SIZE:
+        raise ProtocolError(f"a report of {len(document)} bytes does not fit one message")
+    return HEADER.pack(MAGIC, Domain.SYSTEM, VERSION, source, 0, sequence, _time_ns(),
+                       len(payload), 0) + payload
+
+
+def decode_report(tlvs: Iterable[tuple[int, Buffer]]) -> dict[str, object]:
+    """The JSON object of a ``RELAY_REPORT`` frame's TLVs (as ``parse_message`` gives)."""
+    document = b"".join(bytes(v) for t, v in tlvs if t == RELAY_REPORT)
+    try:
+        report = json.loads(document)
+    except ValueError as exc:
+        raise ProtocolError(f"RELAY_REPORT is not JSON: {exc}") from None
+    if not isinstance(report, dict):
+        raise ProtocolError("RELAY_REPORT is not a JSON object")
+    return report
+
+
+def live_message(replayed: int, unavailable: int, *, source: int = Source.MARKET_DATA_RELAY,
+                 sequence: int = 0) -> bytes:
+    """The ``RELAY_LIVE`` marker a relay sends after a replay, before live traffic."""
+    value = _pack(_LIVE, "RELAY_LIVE", replayed, unavailable)
+    return build_message(Domain.SYSTEM, source, [(RELAY_LIVE, value)], sequence=sequence)
+
+
+def decode_live(value: Buffer) -> Live:
+    """Decode a ``RELAY_LIVE`` value: ``replayed u32 | unavailable u32``."""
+    return Live(*_unpack(_LIVE, "RELAY_LIVE", value))
+
+
+def reconnected_message(outage_ns: int, attempts: int) -> bytes:
+    """The ``CLIENT_RECONNECTED`` notice a client with ``reconnect=True`` yields after it
+    reconnected (domain 4, source 0): it never travels on the wire."""
+    value = _pack(_RECONNECTED, "CLIENT_RECONNECTED", outage_ns, attempts)
+    return build_message(Domain.SYSTEM, 0, [(CLIENT_RECONNECTED, value)])
+
+
+def decode_reconnected(value: Buffer) -> Reconnected:
+    """Decode a ``CLIENT_RECONNECTED`` value: ``outage_ns u64 | attempts u32``."""
+    return Reconnected(*_unpack(_RECONNECTED, "CLIENT_RECONNECTED", value))
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import os
 import re
 import select
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 
 import logic
-from conftest import TIMEOUT_S, relay_command, wait_for_socket
+from conftest import TIMEOUT_S, leave_stale_socket, relay_command, wait_for_socket, wait_until
 from logic import (
     TLV_GAS_PRICE,
     TLV_TRADE,
@@ -55,15 +54,6 @@ SENT_LINE = re.compile(r"sent (\d+) (\w+) messages to (\S+) in ([\d.]+) s \(([\d
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def read_text(path: str) -> str:
@@ -381,9 +371,7 @@ def test_relay_refuses_a_path_that_is_not_a_socket_and_leaves_it_untouched(
 
 def test_relay_replaces_a_stale_socket_left_by_a_dead_relay(cli: Cli,
                                                             socket_path: str) -> None:
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(socket_path)
-    stale.close()  # the file stays, nobody listens: what a killed relay leaves behind
+    leave_stale_socket(socket_path)  # the file stays, nobody listens
     relay = start_serving(cli, "--socket", socket_path, "--stats-interval", "0",
                           path=socket_path)
     code, _, err = stop(relay)

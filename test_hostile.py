@@ -29,7 +29,17 @@ from typing import Any
 
 import pytest
 
-from conftest import TIMEOUT_S, RunningRelay, wait_for_socket
+from conftest import (
+    TIMEOUT_S,
+    RunningRelay,
+    connect_raw,
+    domain_of,
+    leave_stale_socket,
+    sequence_of,
+    source_of,
+    wait_for_socket,
+    wait_until,
+)
 from logic import (
     HEADER,
     HEADER_SIZE,
@@ -86,18 +96,6 @@ def domain_message(domain: str, sequence: int, *, source: int = PAIR_SOURCE,
                          checksum=checksum)
 
 
-def domain_of(frame: bytes) -> int:
-    return frame[4]
-
-
-def source_of(frame: bytes) -> int:
-    return frame[6]
-
-
-def sequence_of(frame: bytes) -> int:
-    return int(HEADER.unpack_from(frame)[5])
-
-
 def gap_of(frame: bytes) -> tuple[int, int] | None:
     """``(dropped, total_dropped)`` if the frame is a RELAY_GAP notice, else None."""
     if domain_of(frame) != Domain.SYSTEM:
@@ -107,18 +105,6 @@ def gap_of(frame: bytes) -> tuple[int, int] | None:
         return None
     gap = decode_gap(tlvs[0][1])
     return gap.dropped, gap.total_dropped
-
-
-def raw_client(path: str, timeout: float = TIMEOUT_S) -> socket.socket:
-    """A plain connected Unix socket with a timeout (for clients that misbehave)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def closed_by_relay(sock: socket.socket, timeout: float = TIMEOUT_S) -> bool:
@@ -136,15 +122,6 @@ def closed_by_relay(sock: socket.socket, timeout: float = TIMEOUT_S) -> bool:
             return True
         except TimeoutError:
             return False
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S,
-               poll_s: float = 0.001) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 @contextlib.contextmanager
@@ -597,7 +574,7 @@ def test_seeded_fuzz_never_harms_the_relay_and_valid_streams_arrive_intact(
     kept_open = []
     for index, (blob, (_, _, error)) in enumerate(zip(blobs, predictions, strict=True)):
         bytes_before = relay.stats().bytes_in
-        with raw_client(relay.path) as sock:
+        with connect_raw(relay.path) as sock:
             try:
                 sock.sendall(blob)
             except (BrokenPipeError, ConnectionResetError):
@@ -605,7 +582,7 @@ def test_seeded_fuzz_never_harms_the_relay_and_valid_streams_arrive_intact(
             if error is None:
                 wanted = bytes_before + len(blob)
                 wait_until(lambda: relay.stats().bytes_in >= wanted,  # noqa: B023 (called now)
-                           f"the relay to read blob {index}")
+                           f"the relay to read blob {index}", poll_s=0.001)
             elif not closed_by_relay(sock):
                 kept_open.append(index)
 
@@ -621,7 +598,7 @@ def test_seeded_fuzz_never_harms_the_relay_and_valid_streams_arrive_intact(
         while waiting or open_streams:
             while waiting and len(open_streams) < 20:
                 stream, _ = waiting.pop(0)
-                open_streams.append((raw_client(relay.path), cut(rng, stream)))
+                open_streams.append((connect_raw(relay.path), cut(rng, stream)))
             index = rng.randrange(len(open_streams))
             sock, pieces = open_streams[index]
             sock.sendall(pieces.pop(0))
@@ -737,7 +714,7 @@ def test_header_claiming_4_gib_closes_that_client_at_once_without_growing_memory
     header = HEADER.pack(MAGIC, number, VERSION, 1, 0, 1, TIMESTAMP_NS, 0xFFFFFFF0, 0)
     rss_before = relay.rss_bytes()
     for split in (32, 32, 24, 5):  # whole (twice), then arriving in two pieces
-        with raw_client(relay.path) as sock:
+        with connect_raw(relay.path) as sock:
             sock.sendall(header[:split])
             if split < HEADER_SIZE:
                 time.sleep(0.05)
@@ -764,7 +741,7 @@ def test_slowloris_clients_with_half_a_header_never_hold_up_a_flowing_pair(
     frames = [domain_message("market_data", 500_000 + i, source=5) for i in range(200)]
     try:
         for frame in frames:
-            sock = raw_client(relay.path)
+            sock = connect_raw(relay.path)
             lorises.append(sock)
             sock.sendall(frame[:16])  # half a header, then silence
         relay.wait_for(lambda: relay.stats().connections_active == 200)
@@ -787,7 +764,7 @@ def test_slowloris_clients_with_half_a_header_never_hold_up_a_flowing_pair(
 def churn_once(rng: random.Random, path: str, number: int) -> None:
     """One short-lived client that connects, maybe does something, and leaves."""
     kind = rng.randrange(6)
-    with raw_client(path) as sock:
+    with connect_raw(path) as sock:
         if kind == 1:
             sock.sendall(subscribe_message(SUBSCRIBE_NONE))
         elif kind == 2:
@@ -834,7 +811,7 @@ def test_connect_disconnect_churn_loses_nothing_on_a_live_pair_and_leaks_no_desc
 def test_consumer_reset_with_megabytes_pending_is_dropped_and_others_get_everything(
         relay_process: Callable[..., RelayProcess]) -> None:
     relay = relay_process()
-    doomed = raw_client(relay.path)  # connects and never reads
+    doomed = connect_raw(relay.path)  # connects and never reads
     with RelayClient(relay.path, timeout=TIMEOUT_S) as consumer, \
             RelayClient(relay.path, publish_only=True, timeout=TIMEOUT_S) as publisher:
         relay.wait_stats(lambda s: s["connections_active"] == 3, "three clients")
@@ -891,7 +868,7 @@ def test_a_consumer_that_caught_up_while_the_relay_was_descheduled_is_not_cut_of
     consumer that caught up is not cut off, and the relay keeps serving everyone. (An
     earlier relay cut it before writing, then crashed on its stale write event.)"""
     relay = relay_process("--queue-limit", "10", domain="signal")
-    slow = raw_client(relay.path)
+    slow = connect_raw(relay.path)
     with RelayClient(relay.path, timeout=TIMEOUT_S) as fast, \
             RelayClient(relay.path, publish_only=True, timeout=TIMEOUT_S) as publisher:
         relay.wait_stats(lambda s: s["connections_active"] == 3, "three clients")
@@ -1000,7 +977,7 @@ def test_out_of_file_descriptors_is_logged_without_spinning_and_serving_resumes(
     flood = []
     try:
         for _ in range(200):
-            flood.append(raw_client(relay.path))
+            flood.append(connect_raw(relay.path))
         wait_until(lambda: "out of file descriptors" in relay.log() or not relay.alive(),
                    "the relay to log that it ran out of descriptors")
         relay.assert_alive()
@@ -1040,7 +1017,7 @@ def test_a_thousand_clients_all_get_a_broadcast_and_the_next_one_is_refused_and_
         assert not missing, f"{len(missing)} clients missed the broadcast, e.g. {missing[:5]}"
         assert relay.rss_bytes() <= 100 * MiB
 
-        with raw_client(relay.path) as extra:
+        with connect_raw(relay.path) as extra:
             assert closed_by_relay(extra, timeout=2.0), "client 1001 was not refused"
         stats = relay.stats()
         assert (stats["connections_active"], stats["connections_rejected"]) == (1000, 1)
@@ -1070,7 +1047,7 @@ def test_a_newcomer_arriving_as_a_client_leaves_takes_its_place_at_the_connectio
         leaver = RelayClient(relay.path, timeout=TIMEOUT_S)
         relay.wait_stats(lambda s: s["connections_active"] == 3, "three clients")
         with relay_stopped(relay):
-            newcomer = raw_client(relay.path)  # waits in the backlog
+            newcomer = connect_raw(relay.path)  # waits in the backlog
             leaver.close()
             time.sleep(0.02)
         with newcomer:
@@ -1235,7 +1212,7 @@ def test_sigterm_delivers_everything_queued_to_consumers_still_reading(
 def test_sigterm_with_a_consumer_that_stopped_reading_exits_within_the_drain_timeout(
         relay_process: Callable[..., RelayProcess]) -> None:
     relay = relay_process("--drain-timeout", "1")
-    stuck = raw_client(relay.path)
+    stuck = connect_raw(relay.path)
     with stuck, RelayClient(relay.path, publish_only=True, timeout=TIMEOUT_S) as publisher:
         relay.wait_stats(lambda s: s["connections_active"] == 2, "two clients")
         publisher.send_many(domain_message("market_data", s) for s in range(1, 10_001))
@@ -1298,9 +1275,7 @@ def test_a_regular_file_at_the_socket_path_is_never_touched(
 
 def test_a_stale_socket_left_by_a_dead_relay_is_replaced(
         relay_process: Callable[..., RelayProcess], socket_path: str) -> None:
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(socket_path)
-    stale.close()  # the file stays; nobody listens
+    leave_stale_socket(socket_path)  # the file stays; nobody listens
     relay = relay_process(socket_path=socket_path)
     assert Pair(socket_path, count=100).start().finish() == 100
     relay.terminate()

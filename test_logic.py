@@ -630,7 +630,13 @@ def test_subscribe_frame_carries_mode_gap_flag_and_types(mode, types, gap):
 def test_subscribe_defaults_to_receiving_everything_without_gap_notices():
     (_, value), = parse_message(subscribe_message()).tlvs
     assert value == b"\x00\x00"
-    assert decode_subscribe(value) == (0, False, frozenset())
+    assert decode_subscribe(value) == (0, False, frozenset(), False)
+
+
+@pytest.mark.parametrize("flags, bridge", [(0x00, False), (0x01, False), (0x02, True),
+                                           (0x03, True), (0xFD, False)])
+def test_flag_bit_1_marks_a_bridge(flags, bridge):
+    assert decode_subscribe(bytes((0, flags))).bridge is bridge
 
 
 @pytest.mark.parametrize("flags, gap", [(0x00, False), (0x01, True), (0x02, False),

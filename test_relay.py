@@ -36,7 +36,17 @@ from typing import Any
 import pytest
 
 import logic
-from conftest import TIMEOUT_S, RunningRelay, wait_for_socket
+from conftest import (
+    TIMEOUT_S,
+    RunningRelay,
+    connect_raw,
+    domain_of,
+    leave_stale_socket,
+    sequence_of,
+    source_of,
+    wait_for_socket,
+    wait_until,
+)
 from logic import (
     HEADER,
     HEADER_SIZE,
@@ -112,18 +122,6 @@ def raw_frame(domain: int, payload: bytes, *, seq: int = 1, source: int = 1,
     return HEADER.pack(magic, domain, version, source, 0, seq, TS, size, checksum) + payload
 
 
-def seq_of(frame: bytes) -> int:
-    return int(HEADER.unpack_from(frame)[5])
-
-
-def source_of(frame: bytes) -> int:
-    return int(HEADER.unpack_from(frame)[3])
-
-
-def domain_of(frame: bytes) -> int:
-    return int(HEADER.unpack_from(frame)[1])
-
-
 def recv_n(client: RelayClient, count: int, timeout: float = TIMEOUT_S) -> list[bytes]:
     """Exactly ``count`` frames from ``client``; each wait bounded by ``timeout``."""
     return [client.recv(timeout=timeout) for _ in range(count)]
@@ -146,15 +144,6 @@ def read_until_closed(client: RelayClient) -> list[bytes]:
     raise AssertionError("the relay never closed the connection")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
-    """Like ``RunningRelay.wait_for`` but polling every 0.2 ms (byte-at-a-time tests)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.0002)
-
-
 def wait_in(relay: RunningRelay, messages: int) -> None:
     """Wait until the relay has read ``messages`` frames (control frames included).
 
@@ -169,13 +158,6 @@ def wait_stat(relay: RunningRelay, name: str, value: int) -> None:
     relay.wait_for(lambda: getattr(relay.stats(), name) == value)
 
 
-def connect_raw(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT_S)
-    sock.connect(path)
-    return sock
-
-
 def send_in_pieces(relay: RunningRelay, sock: socket.socket, data: bytes,
                    cuts: Iterable[int]) -> None:
     """Send ``data`` cut at ``cuts``, waiting after each piece until the relay has read
@@ -184,7 +166,8 @@ def send_in_pieces(relay: RunningRelay, sock: socket.socket, data: bytes,
     pos = 0
     for cut in [*cuts, len(data)]:
         sock.sendall(data[pos:cut])
-        wait_until(lambda cut=cut: relay.stats().bytes_in >= start + cut)
+        wait_until(lambda cut=cut: relay.stats().bytes_in >= start + cut,
+                   f"the relay to read up to byte {cut}", poll_s=0.0002)  # byte-at-a-time
         pos = cut
 
 
@@ -478,7 +461,7 @@ def test_signal_relay_passes_zero_and_correct_checksums_and_drops_a_wrong_one(st
     publisher.send_many([bytes(wrong)] * 200)
     relay.wait_for(lambda: relay.stats().messages_invalid == 201)
     publisher.send(make_frame(5, domain=Domain.SIGNAL))
-    assert seq_of(consumer.recv()) == 5
+    assert sequence_of(consumer.recv()) == 5
     assert relay_warnings(caplog, logging.INFO) == []
     stats = relay.stats()
     assert stats.protocol_errors == stats.messages_filtered == 0
@@ -499,7 +482,7 @@ def test_execution_relay_requires_a_checksum_so_zero_and_wrong_ones_are_dropped(
     assert recv_n(consumer, 2) == [correct, after]
     relay.wait_for(lambda: relay.stats().messages_invalid == 2)
     publisher.send(make_frame(5, domain=Domain.EXECUTION))
-    assert seq_of(consumer.recv()) == 5
+    assert sequence_of(consumer.recv()) == 5
     assert relay.stats().protocol_errors == 0
     assert relay.stats().connections_active == 2
 
@@ -536,7 +519,7 @@ def test_frame_failing_the_tlv_policy_is_dropped_and_counted_and_the_connection_
     assert stats.protocol_errors == stats.messages_filtered == 0
     assert stats.connections_active == 2
     publisher.send(make_frame(4, domain=Domain.SIGNAL))
-    assert seq_of(consumer.recv()) == 4
+    assert sequence_of(consumer.recv()) == 4
 
 
 @pytest.mark.parametrize(("config", "foreign_domain"),
@@ -652,16 +635,12 @@ def test_every_random_stream_is_forwarded_exactly_as_the_frame_by_frame_model_sa
         start_relay: Callable[..., RunningRelay], logic_: logic.RelayLogic) -> None:
     rng = random.Random(20261124)
     relay = start_relay(logic_, queue_limit=1_000_000)
-    consumer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    consumer.settimeout(TIMEOUT_S)
-    consumer.connect(relay.path)
+    consumer = connect_raw(relay.path)
     relay.wait_clients(1)
     for case in range(120):
         stream = _random_stream(rng, logic_)
         expected, closes = _model_forward(stream, logic_)
-        publisher = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        publisher.settimeout(TIMEOUT_S)
-        publisher.connect(relay.path)
+        publisher = connect_raw(relay.path)
         pos = 0
         try:
             while pos < len(stream):
@@ -802,9 +781,9 @@ def test_slow_consumer_gets_whole_frames_in_order_with_a_counted_gap(start_relay
     assert dropped > 0
     received = recv_n(slow, total - dropped)
     assert_nothing_more(slow)
-    sequences = [seq_of(frame) for frame in received]
+    sequences = [sequence_of(frame) for frame in received]
     assert all(domain_of(frame) == Domain.MARKET_DATA for frame in received)  # no notices
-    assert all(frame == make_frame(seq_of(frame)) for frame in received)  # whole frames
+    assert all(frame == make_frame(sequence_of(frame)) for frame in received)  # whole frames
     assert sequences == sorted(set(sequences))  # increasing, no duplicates
     assert sequences[-1] == total  # the newest data is never the one dropped
     assert any(b - a > 1 for a, b in zip(sequences, sequences[1:], strict=False))
@@ -829,9 +808,9 @@ def test_queue_bytes_limit_also_drops_the_oldest_whole_frames(start_relay):
     assert dropped > 0
     received = recv_n(slow, total - dropped)
     assert_nothing_more(slow)
-    sequences = [seq_of(frame) for frame in received]
+    sequences = [sequence_of(frame) for frame in received]
     assert sequences == sorted(set(sequences)) and sequences[-1] == total
-    assert all(frame == make_frame(seq_of(frame)) for frame in received)
+    assert all(frame == make_frame(sequence_of(frame)) for frame in received)
 
 
 def check_gap_stream(frames: list[bytes], total: int, size: int = 64) -> tuple[list[int], int]:
@@ -899,7 +878,7 @@ class SlowReader(Reader):
             for index in range(10_000_000):
                 frame = self.client.recv(timeout=TIMEOUT_S)
                 self.frames.append(frame)
-                if domain_of(frame) != Domain.SYSTEM and seq_of(frame) == self.last:
+                if domain_of(frame) != Domain.SYSTEM and sequence_of(frame) == self.last:
                     return
                 if index % 100 == 99:
                     time.sleep(0.001)
@@ -944,7 +923,7 @@ def test_slow_consumer_is_disconnected_and_a_fast_consumer_alongside_gets_everyt
     _clients = _publish_past_a_slow_consumer(relay, int(logic_.domain), total)
     relay.wait_for(lambda: relay.stats().slow_disconnects == 1)
     relay.wait_for(lambda: relay.stats().connections_active == 2)
-    got = [seq_of(frame) for frame in read_until_closed(slow)]
+    got = [sequence_of(frame) for frame in read_until_closed(slow)]
     assert got == list(range(1, len(got) + 1))  # a prefix: nothing dropped before the cut
     assert len(got) < total
     assert relay.stats().messages_dropped == 0
@@ -971,7 +950,7 @@ def test_backpressure_loses_nothing_when_the_consumer_reads_in_bursts_with_pause
     for start in range(0, total, 1000):
         publisher.send_many(frames[start:start + 1000])
     received = reader.finish()
-    assert [seq_of(frame) for frame in received] == list(range(1, total + 1))
+    assert [sequence_of(frame) for frame in received] == list(range(1, total + 1))
     assert received == frames
     stats = relay.stats()
     assert stats.backpressure_pauses > 0
@@ -999,7 +978,7 @@ def test_backpressure_disconnects_a_consumer_that_never_reads_and_then_the_other
     relay.wait_for(lambda: relay.stats().slow_disconnects == 1)
     assert relay.stats().backpressure_pauses >= 1
     assert relay.stats().connections_active == 2
-    got = [seq_of(frame) for frame in read_until_closed(stuck)]
+    got = [sequence_of(frame) for frame in read_until_closed(stuck)]
     assert got == list(range(1, len(got) + 1))  # backpressure never drops, it cut the tail
     assert any(m.startswith("client 1") for m in relay_warnings(caplog))
 
@@ -1023,8 +1002,8 @@ def test_publish_only_clients_never_read_and_yet_never_stall_a_backpressure_doma
         publisher.send_many(frames[start:start + 1000])
     quiet.send_many([make_frame(seq, domain=Domain.EXECUTION, source=7) for seq in range(6, 11)])
     received = reader.finish()
-    assert [seq_of(f) for f in received if source_of(f) == 1] == list(range(1, total + 1))
-    assert [seq_of(f) for f in received if source_of(f) == 7] == list(range(1, 11))
+    assert [sequence_of(f) for f in received if source_of(f) == 1] == list(range(1, total + 1))
+    assert [sequence_of(f) for f in received if source_of(f) == 7] == list(range(1, 11))
     wait_stat(relay, "messages_out", total + 10)  # nothing ever queued for the quiet ones
     stats = relay.stats()
     assert stats.slow_disconnects == stats.messages_dropped == 0
@@ -1198,9 +1177,7 @@ def test_second_relay_on_a_live_socket_raises_and_the_first_keeps_serving(start_
 
 
 def test_stale_socket_file_is_replaced(start_relay, socket_path):
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(socket_path)  # bound, never listening, then closed: the file stays
-    stale.close()
+    leave_stale_socket(socket_path)
     assert stat.S_ISSOCK(os.lstat(socket_path).st_mode)
     relay = start_relay()
     _exchange_works(relay)
@@ -1429,7 +1406,7 @@ def test_shutdown_gives_up_on_a_consumer_that_does_not_read_after_drain_timeout(
     assert read_until_closed(consumer) == frames
     relay.thread.join(TIMEOUT_S)
     assert not relay.thread.is_alive(), "serve_forever did not return"
-    got = [seq_of(frame) for frame in read_until_closed(idle)]
+    got = [sequence_of(frame) for frame in read_until_closed(idle)]
     assert got == list(range(1, len(got) + 1)) and len(got) < total
 
 
@@ -1534,14 +1511,14 @@ def test_cli_relay_logs_stats_on_sigusr1_and_stops_cleanly_on_sigterm(cli, socke
             return [line for line in file if "stats" in line and "final" not in line]
 
     process.send_signal(signal.SIGUSR1)
-    wait_until(lambda: bool(stats_lines()))
+    wait_until(lambda: bool(stats_lines()), "a stats line after SIGUSR1")
     with RelayClient(socket_path, timeout=TIMEOUT_S) as a, \
             RelayClient(socket_path, timeout=TIMEOUT_S) as b:
         # A relay in another process has no stats to wait on: send until b is registered.
         for seq in range(1, 51):
             a.send(make_frame(seq))
             try:
-                assert seq_of(b.recv(timeout=SHORT_S)) <= seq
+                assert sequence_of(b.recv(timeout=SHORT_S)) <= seq
                 break
             except TimeoutError:
                 continue
@@ -1695,9 +1672,7 @@ def test_send_keeps_the_client_timeout_after_a_recv_with_a_short_timeout(start_r
 @pytest.mark.parametrize("where", ["missing_path", "stale_socket"])
 def test_connecting_where_no_relay_listens_says_so_and_how_to_start_one(socket_path, where):
     if where == "stale_socket":
-        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stale.bind(socket_path)
-        stale.close()
+        leave_stale_socket(socket_path)
     with pytest.raises(ConnectionError) as error:
         RelayClient(socket_path, timeout=TIMEOUT_S)
     message = str(error.value)
