@@ -14,7 +14,7 @@ test:  ## the test suite (installs pytest with pip when missing)
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
 	$(PYTHON) -m pytest -q
 
-bench:  ## every SPEC performance figure, side by side (about 5 minutes)
+bench:  ## every SPEC performance figure, side by side (about 3 minutes)
 	$(PYTHON) bench.py
 
 soak:  ## 60 s of mixed traffic on all three domains; the accounting must balance

@@ -31,7 +31,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 __version__ = "0.2.0"
 
 __all__ = [
-    "__version__", "MAGIC", "VERSION", "HEADER", "HEADER_SIZE", "MAX_MESSAGE_SIZE", "MAX_TLV_VALUE_SIZE",
+    "__version__", "MAGIC", "VERSION", "HEADER", "HEADER_SIZE", "MAX_MESSAGE_SIZE",
+    "MAX_TLV_VALUE_SIZE",
     "Domain", "Source", "TLV_NAMES", "RELAY_SOURCE",
     "TLV_TRADE", "TLV_QUOTE", "TLV_GAS_PRICE", "TLV_SIGNAL_IDENTITY", "TLV_ORDER_REQUEST",
     "TLV_HEARTBEAT", "RELAY_SUBSCRIBE", "RELAY_GAP", "RELAY_QUERY", "RELAY_REPORT",

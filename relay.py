@@ -6,6 +6,7 @@ client, whole and in order. Copy this file and ``logic.py`` into your repository
     python relay.py --domain market_data                 # serve (Ctrl-C to stop)
     python relay.py --domain market_data tail            # print every message
     python relay.py --domain market_data send --count 5  # publish five Trades
+    python relay.py --domain market_data stats           # look inside the running relay
 
     import threading
     from logic import MarketDataLogic, build_message, trade
@@ -17,8 +18,11 @@ client, whole and in order. Copy this file and ``logic.py`` into your repository
         print(consumer.recv(timeout=1.0))
     relay.shutdown()
 
-Reading order: constants, ``Stats``, ``Client`` (one connection), ``Relay`` (setup,
-loop, read path, write path, overflow, shutdown), ``RelayClient``, the command line.
+Reading order follows one message from ``accept`` to ``send``: constants, ``Stats``,
+``SocketFile`` (the socket path), ``FrameScanner`` (the read path's frame walk),
+``Outbound`` (a client's queue), ``Backpressure``, ``Client``, ``Relay`` (the loop,
+accepting, reading, fan-out, writing, overflow, control frames, shutdown), then the
+clients (``RelayClient``, ``AsyncRelayClient``) and the command line.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
+import fcntl
+import itertools
 import json
 import logging
+import math
 import os
 import selectors
 import signal
@@ -38,19 +45,25 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
 from types import FrameType, TracebackType
 from typing import Any
 
 import logic
 from logic import (
+    CHECKSUM,
     CHECKSUM_OFFSET,
+    FRAME_PREFIX,
+    FRAME_START,
     HEADER,
     HEADER_SIZE,
     MAGIC,
     OVERFLOW_POLICIES,
+    PAYLOAD_SIZE_OFFSET,
     RELAY_GAP,
+    RELAY_QUERY,
+    RELAY_REPLAY,
     RELAY_SOURCE,
     RELAY_SUBSCRIBE,
     SUBSCRIBE_ALL,
@@ -64,7 +77,10 @@ from logic import (
     RelayLogic,
 )
 
-__all__ = ["Relay", "RelayClient", "RelayError", "Stats", "main"]
+__version__ = "0.2.0"
+
+__all__ = ["Relay", "RelayClient", "RelayError", "Stats", "FrameScanner", "Outbound",
+           "main", "__version__"]
 
 log = logging.getLogger("relay")
 
@@ -72,7 +88,7 @@ log = logging.getLogger("relay")
 # Constants and defaults
 # ---------------------------------------------------------------------------------------
 
-BUFFER_SIZE = 64 * 1024  # per-connection read buffer; a larger frame grows it
+BUFFER_SIZE = 64 * 1024  # per-connection read buffer; a larger frame grows it as it arrives
 QUEUE_LIMIT = 10_000  # messages pending for one client (the original broadcast channel)
 QUEUE_BYTES = 64 * 1024 * 1024  # bytes pending for one client
 LOW_WATER_DIVISOR = 4  # backpressure resumes when every queue is under limit / 4
@@ -82,24 +98,26 @@ DRAIN_TIMEOUT_S = 1.0
 STATS_INTERVAL_S = 10.0
 BUSY_POLL_S = 0.0001  # after traffic, poll without sleeping this long (0 = never)
 SOCKET_MODE = 0o600
-PARENT_DIR_MODE = 0o700
+PARENT_DIR_MODE = 0o700  # a directory the relay creates; plus search for whom the socket admits
 LISTEN_BACKLOG = 4096
-WARNING_INTERVAL_S = 1.0  # at most one drop / reject / fd warning per second per cause
+WARNING_INTERVAL_S = 1.0  # at most one line a second per cause (drops, rejects, pauses, ...)
 ACCEPT_RETRY_S = 0.1  # how long to stop accepting when out of file descriptors
+MAX_WAIT_S = 3600.0  # longest single select() sleep; selectors refuse ~24.8 days and more
 UNIFORM_RUN_MIN_FRAMES = 16  # column checks pay off from about this many frames
 UNIFORM_RUN_MIN_BYTES = UNIFORM_RUN_MIN_FRAMES * HEADER_SIZE  # fewer bytes cannot hold that many
 UNIFORM_RETRY_BYTES = 16 * 1024  # policy domains: retry column checks this far on
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
 FAILED_WRITER_READS = 64  # reads (of up to 64 KiB) from a client whose write failed
 CONNECT_PROBE_TIMEOUT_S = 1.0
+SOCKET_PATH_MAX_BYTES = 107  # AF_UNIX sun_path: 108 bytes with the terminating NUL
+CLOSED_CLIENTS_KEPT = 64  # the `clients` report lists this many departed clients
+RELAY_TLV_TYPES = range(113, 120)  # the relay's own TLV types: a frame led by one is for it
 
-# magic u32 | domain+version u16 (domain in the low byte) | payload_size u32.
-_FRAME_START = struct.Struct("<IH18xI")
-_CHECKSUM = struct.Struct("<I")
-_FRAME_KEY_VERSION = VERSION << 8
-_BYTES = [bytes((value,)) for value in range(256)]  # one-byte bytes, no allocation per use
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BYTES = [bytes((value,)) for value in range(256)]  # one-byte bytes, no allocation per use
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_monotonic = time.monotonic
 
 
 class RelayError(RuntimeError):
@@ -133,54 +151,837 @@ class Stats:
     backpressure_pauses: int
 
 
+STAT_FIELDS = tuple(f.name for f in fields(Stats))
+
+
+# ---------------------------------------------------------------------------------------
+# The socket file: claim, probe, bind, chmod, remove if still ours
+# ---------------------------------------------------------------------------------------
+
+
+class SocketFile:
+    """The relay's Unix socket path, from claim to removal.
+
+    ``bind()`` first takes an exclusive lock on ``PATH.lock``, so two relays started at
+    the same moment cannot both probe, unlink and bind: the second is refused and told
+    the first one's pid. Then it refuses a path that is not a socket or where a relay
+    answers, removes a stale socket, binds, chmods before ``listen()`` (no client can
+    connect while the mode is wrong) and remembers the inode. ``remove()`` unlinks the
+    socket only while it is still that inode, then releases the lock.
+    """
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self.mode = mode
+        self.lock_path = path + ".lock"
+        self.lock_fd: int | None = None
+        self.identity: tuple[int, int] | None = None
+        self.created: list[str] = []  # directories bind() made: removed if it fails
+
+    def bind(self) -> socket.socket:
+        """A listening socket on the path; ``RelayError`` says why not."""
+        try:
+            return self._bind()
+        except BaseException:
+            self._unlock()
+            for directory in reversed(self.created):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
+            self.created.clear()
+            raise
+
+    def _bind(self) -> socket.socket:
+        path = self.path
+        size = len(os.fsencode(path))
+        if size > SOCKET_PATH_MAX_BYTES:
+            raise RelayError(f"socket path {path} is {size} bytes; a Unix socket path holds "
+                             f"at most {SOCKET_PATH_MAX_BYTES}: pass a shorter --socket")
+        self._make_parent()
+        self._lock()
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise RelayError(f"cannot use {path}: {exc.strerror or exc}") from None
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RelayError(f"{path} exists and is not a socket; refusing to touch it: "
+                                 "remove it or pass --socket")
+            answers, pid = _relay_answers(path)
+            if answers:
+                raise RelayError(f"another relay is already listening on {path} "
+                                 f"(pid {pid or 'unknown'}); stop it or pass --socket")
+            log.info("removing stale socket %s (no relay answers there)", path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            # chmod before listen(): no client can connect until the mode is right.
+            os.chmod(path, self.mode)
+            st = os.stat(path)
+            self.identity = (st.st_dev, st.st_ino)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise RelayError(f"another relay is already listening on {path}; "
+                                 "stop it or pass --socket") from None
+            raise RelayError(f"cannot bind {path}: {exc.strerror or exc}") from None
+        return listener
+
+    def _make_parent(self) -> None:
+        """Create the missing directories above the socket: mode 0700, plus search (x)
+        for the group or others when the socket mode admits them (a socket cannot be
+        reached through a directory its peers may not search)."""
+        mode = PARENT_DIR_MODE
+        if self.mode & 0o070:
+            mode |= 0o010
+        if self.mode & 0o007:
+            mode |= 0o001
+        missing = []
+        directory = os.path.dirname(os.path.abspath(self.path))
+        while not os.path.isdir(directory):
+            missing.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, mode)
+            except FileExistsError:
+                if os.path.isdir(directory):
+                    continue  # another relay made it a moment ago
+                raise RelayError(f"cannot create {directory}: a file is in the way; "
+                                 "pass another --socket") from None
+            except OSError as exc:
+                raise RelayError(f"cannot create {directory}: {exc.strerror or exc}") from None
+            self.created.append(directory)
+            os.chmod(directory, mode)  # mkdir's mode is filtered by the umask
+
+    def _lock(self) -> None:
+        for _ in range(8):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise RelayError(f"cannot create the lock file {self.lock_path}: "
+                                 f"{exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                pid = holder if holder.isdigit() else "unknown"
+                raise RelayError(f"another relay is already listening on {self.path} "
+                                 f"(pid {pid}); stop it or pass --socket") from None
+            # A relay that just stopped removes the file it locked: lock the one there now.
+            try:
+                mine = os.fstat(fd)
+                there = os.stat(self.lock_path)
+                same = (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.lock_fd = fd
+                return
+            os.close(fd)
+        raise RelayError(f"cannot lock {self.lock_path}: it keeps being replaced")
+
+    def _unlock(self) -> None:
+        fd = self.lock_fd
+        if fd is None:
+            return
+        self.lock_fd = None
+        try:  # remove it while still holding it: whoever locks next makes a new one
+            mine, there = os.fstat(fd), os.stat(self.lock_path)
+            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+                os.unlink(self.lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def remove(self) -> None:
+        """Unlink the socket if it is still the one we bound; release the lock."""
+        if self.identity is not None:
+            try:
+                st = os.lstat(self.path)
+            except FileNotFoundError:
+                pass
+            else:
+                if (st.st_dev, st.st_ino) == self.identity:
+                    os.unlink(self.path)
+                else:
+                    log.warning("%s is no longer our socket; leaving it in place", self.path)
+            self.identity = None
+        self._unlock()
+
+
+def _relay_answers(path: str) -> tuple[bool, int | None]:
+    """Whether something accepts (or does not refuse) a connection on ``path``, and its
+    pid when the kernel tells (``SO_PEERCRED``)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(CONNECT_PROBE_TIMEOUT_S)
+    try:
+        probe.connect(path)
+        credentials = _peer_credentials(probe)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False, None
+    except OSError:
+        return True, None  # it exists and did not refuse (e.g. backlog full): a live relay
+    finally:
+        probe.close()
+    return True, credentials[0] if credentials else None
+
+
+# ---------------------------------------------------------------------------------------
+# The frame scanner: the read path's walk over one read buffer
+# ---------------------------------------------------------------------------------------
+
+Forward = Callable[[Any, bytes, int], None]
+Control = Callable[[Any, bytes, int], None]
+Refuse = Callable[[Any, str, int, bool], None]
+
+
+class FrameScanner:
+    """Finds the whole frames in a read buffer, validates each, and hands every run of
+    consecutive accepted frames to ``forward`` as one ``bytes`` chunk.
+
+    It owns the domain's policies (domain byte, checksum, TLV types, the default filter,
+    ``max_message_size``, the column cache) and counts every frame it reads in
+    ``messages_in``. It needs no socket: ``scan(sender, buffer, end)`` walks
+    ``buffer[:end]`` and returns where its incomplete rest starts, or ``~pos`` (a
+    negative number) for a framing error at ``pos``, after forwarding what came before.
+    ``bench.py`` and the fuzz test drive it in process.
+
+    ``forward(sender, chunk, count)`` gets ``count`` accepted frames;
+    ``control(sender, frame, pos)`` a frame addressed to the relay (domain 4, first TLV
+    one of the relay's own types); ``refuse(sender, why, pos, invalid)`` a frame dropped
+    as invalid (``True``) or filtered (``False``). ``pos`` is an offset into ``buffer``.
+
+    Two walks, chosen once: ``_scan_fast`` for the default filter with no checksum or
+    TLV policy (market data), ``_scan_checked`` otherwise. Both first try to validate
+    a run of same-size frames a header column at a time (``_uniform_run``).
+    """
+
+    def __init__(self, logic_: RelayLogic, max_message_size: int, *, forward: Forward,
+                 control: Control, refuse: Refuse) -> None:
+        self.logic = logic_
+        self.domain = int(logic_.domain)
+        self.prefix = logic.frame_prefix(self.domain)
+        self.checksum_policy = logic_.checksum
+        self.tlv_types = logic_.tlv_types
+        self.max_message_size = max_message_size
+        self.default_filter = logic.uses_default_filter(logic_)
+        self.forward = forward
+        self.control = control
+        self.refuse = refuse
+        self.messages_in = 0
+        self.column_cache: dict[int, tuple[tuple[int, bytes], ...]] = {}
+        # byte -> b"\1" for an accepted TLV type (never 255, the extended marker), else 0
+        self.tlv_type_table = bytes(
+            1 if self.tlv_types is not None and t in self.tlv_types and t != 255 else 0
+            for t in range(256))
+        # The fast walk leaves the size check to "the frame fits the buffer", which
+        # holds only while the buffer never outgrows max_message_size.
+        self.fast = (self.default_filter and self.checksum_policy == "off"
+                     and self.tlv_types is None and self.domain != Domain.SYSTEM
+                     and max_message_size >= BUFFER_SIZE)
+        self.scan: Callable[[Any, bytearray, int], int] = (
+            self._scan_fast if self.fast else self._scan_checked)
+
+    def _scan_fast(self, sender: Any, buffer: bytearray, end: int) -> int:
+        """The walk for the default filter with no checksum or TLV policy."""
+        unpack = FRAME_PREFIX.unpack_from
+        prefix = self.prefix
+        forward = self.forward
+        uniform_run = self._uniform_run
+        last = end - HEADER_SIZE
+        pos = start = count = total = previous = 0
+        uniform = True  # try column checks until one finds no long run in this read
+        while True:
+            if uniform and end - pos >= UNIFORM_RUN_MIN_BYTES:
+                frames, size = uniform_run(buffer, pos, end)
+                if frames:
+                    pos += frames * size
+                    count += frames
+                else:
+                    uniform = False
+            # The per-frame loop, shaped for speed: locals only, magic+domain+version
+            # compared as one 6-byte string, the end check done once after the loop and
+            # the size check implied by "the frame fits the buffer" (see fast): ~160 ns
+            # a frame instead of ~200 (mixed sizes, measured in process).
+            while pos <= last:
+                head, payload_size = unpack(buffer, pos)
+                if head != prefix:
+                    break
+                previous = pos
+                pos += payload_size + 32
+                count += 1
+            if pos > end:  # the last frame walked is not whole yet: step back to it
+                pos = previous
+                count -= 1
+                if HEADER_SIZE + FRAME_START.unpack_from(buffer, pos)[2] <= (
+                        self.max_message_size):
+                    break  # a valid frame still arriving
+            elif pos > last:
+                break  # at the end, or a header still arriving
+            # A frame that is not plain data of this domain, or an oversized one.
+            magic, domain_version, payload_size = FRAME_START.unpack_from(buffer, pos)
+            nxt = pos + HEADER_SIZE + payload_size
+            if (magic != MAGIC or domain_version >> 8 != VERSION
+                    or nxt - pos > self.max_message_size):
+                if count:
+                    forward(sender, bytes(memoryview(buffer)[start:pos]), count)
+                    total += count
+                self.messages_in += total + 1
+                return ~pos
+            if nxt > end:
+                break  # a valid frame of another domain still arriving
+            if count:
+                forward(sender, bytes(memoryview(buffer)[start:pos]), count)
+                total += count
+                count = 0
+            total += 1
+            self._other(sender, buffer, pos, nxt, domain_version & 0xFF)
+            pos = start = nxt
+        if count:
+            forward(sender, bytes(memoryview(buffer)[start:pos]), count)
+            total += count
+        self.messages_in += total
+        return pos
+
+    def _other(self, sender: Any, buffer: bytearray, pos: int, end: int, domain: int) -> None:
+        """One whole frame the fast walk stopped at: a control frame, or a frame the
+        domain's rules decide on alone."""
+        if domain == Domain.SYSTEM and logic.first_tlv_type(buffer, pos) in RELAY_TLV_TYPES:
+            self.control(sender, bytes(buffer[pos:end]), pos)
+        elif self._accept(sender, buffer, pos, end, domain):
+            self.forward(sender, bytes(buffer[pos:end]), 1)
+
+    def _uniform_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
+        """How many whole frames from ``pos`` on are valid frames of this domain with
+        the same size as the first: ``(frames, size)``, or ``(0, 0)`` if too few.
+
+        Shaped for speed: a feed of same-size messages (all Trades, all 64-byte bench
+        frames) is validated a header *column* at a time: ``buffer[pos+i:stop:size]``
+        gathers byte i of every frame in C and ``lstrip`` finds the first frame whose
+        byte differs. Ten columns (magic, domain, version, payload_size) prove what
+        the per-frame loop would: if frame j is valid and has the first frame's
+        size, frame j+1 starts exactly ``size`` bytes later. ~30 ns a frame instead
+        of ~150 ns; a stream of mixed sizes falls back to the per-frame loop.
+        """
+        if end - pos < UNIFORM_RUN_MIN_BYTES:
+            return 0, 0
+        size = HEADER_SIZE + FRAME_START.unpack_from(buffer, pos)[2]
+        if size > self.max_message_size:
+            return 0, 0  # the frame-by-frame walk reports it as a protocol error
+        frames = (end - pos) // size
+        if frames < UNIFORM_RUN_MIN_FRAMES:
+            return 0, 0
+        for offset, expected in self._uniform_columns(size):
+            rest = buffer[pos + offset:pos + frames * size:size].lstrip(expected)
+            if rest:
+                frames -= len(rest)
+                if frames < UNIFORM_RUN_MIN_FRAMES:
+                    return 0, 0
+        return frames, size
+
+    def _uniform_columns(self, size: int) -> tuple[tuple[int, bytes], ...]:
+        """The (offset, byte) pairs every frame of ``size`` bytes of this domain has:
+        magic, domain, version and payload_size. Cached per size."""
+        columns = self.column_cache.get(size)
+        if columns is None:
+            expected_size = struct.pack("<I", size - HEADER_SIZE)
+            columns = tuple((i, self.prefix[i:i + 1]) for i in range(len(self.prefix))) + (
+                tuple((PAYLOAD_SIZE_OFFSET + i, expected_size[i:i + 1]) for i in range(4)))
+            if len(self.column_cache) > 64:
+                self.column_cache.clear()
+            self.column_cache[size] = columns
+        return columns
+
+    def _checked_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
+        """``_uniform_run`` for a domain with checksum and TLV policies: the run's
+        frames must also hold one standard TLV of an accepted type (two more columns)
+        and pass the checksum policy (still one CRC a frame: ~0.3 us instead of ~0.75)."""
+        frames, size = self._uniform_run(buffer, pos, end)
+        if not frames:
+            return 0, 0
+        if self.tlv_types is not None:
+            length = size - HEADER_SIZE - 2
+            if not 0 <= length <= 255:
+                return 0, 0
+            first = pos + HEADER_SIZE
+            frames -= len(buffer[first + 1:pos + frames * size:size].lstrip(_BYTES[length]))
+            types = buffer[first:pos + frames * size:size]
+            frames -= len(types.translate(self.tlv_type_table).lstrip(b"\1"))
+        if self.checksum_policy != "off" and frames:
+            unpack_checksum = CHECKSUM.unpack_from
+            crc32 = zlib.crc32
+            view = memoryview(buffer)
+            require = self.checksum_policy == "require"
+            stop = pos + frames * size
+            at = pos
+            while at < stop:
+                stored = unpack_checksum(buffer, at + CHECKSUM_OFFSET)[0]
+                if stored:
+                    if crc32(view[at + HEADER_SIZE:at + size],
+                             crc32(view[at:at + CHECKSUM_OFFSET])) != stored:
+                        break
+                elif require:
+                    break
+                at += size
+            frames = (at - pos) // size
+        return frames, size
+
+    def _scan_checked(self, sender: Any, buffer: bytearray, end: int) -> int:
+        """The walk applying the domain's checksum, TLV and filter policies to each
+        frame; same contract as ``_scan_fast``."""
+        unpack = FRAME_START.unpack_from
+        unpack_checksum = CHECKSUM.unpack_from
+        crc32 = zlib.crc32
+        tlvs_ok = logic.tlvs_ok
+        first_tlv_type = logic.first_tlv_type
+        view = memoryview(buffer)
+        max_size = self.max_message_size
+        accept = self._accept
+        forward = self.forward
+        # Frames of this domain are checked inline when the filter is the default one;
+        # -1 never matches, so a custom filter (or a system-domain logic, whose frames
+        # may be control frames) sends every frame to _accept.
+        inline = self.default_filter and self.domain != Domain.SYSTEM
+        key = self.domain | VERSION << 8 if inline else -1
+        verify = self.checksum_policy != "off"
+        require = self.checksum_policy == "require"
+        tlv_types = self.tlv_types
+        checked_run = self._checked_run
+        retry_at = 0 if inline else end  # when to try a column-checked run
+        last = end - HEADER_SIZE
+        pos = start = count = total = 0
+        while pos <= last:
+            if pos >= retry_at:
+                frames, size = checked_run(buffer, pos, end)
+                if frames:
+                    pos += frames * size
+                    count += frames
+                    continue
+                retry_at = pos + UNIFORM_RETRY_BYTES
+            magic, domain_version, payload_size = unpack(buffer, pos)
+            nxt = pos + HEADER_SIZE + payload_size
+            if magic != MAGIC or domain_version >> 8 != VERSION or nxt - pos > max_size:
+                if count:
+                    forward(sender, bytes(view[start:pos]), count)
+                    total += count
+                self.messages_in += total + 1
+                return ~pos
+            if nxt > end:
+                break
+            if domain_version == key:
+                # Shaped for speed: a frame of this domain is checked inline, a single
+                # standard TLV without tlvs_ok: ~0.5 us a frame instead of ~1.1 us.
+                ok = True
+                if verify:
+                    stored = unpack_checksum(buffer, pos + CHECKSUM_OFFSET)[0]
+                    if stored:
+                        ok = crc32(view[pos + HEADER_SIZE:nxt],
+                                   crc32(view[pos:pos + CHECKSUM_OFFSET])) == stored
+                    else:
+                        ok = not require
+                if ok and tlv_types is not None:
+                    first = pos + HEADER_SIZE
+                    if (payload_size >= 2 and buffer[first + 1] + 2 == payload_size
+                            and buffer[first] != 255):
+                        ok = buffer[first] in tlv_types
+                    else:
+                        ok = tlvs_ok(buffer, tlv_types, pos, nxt)
+                if ok:
+                    count += 1
+                    pos = nxt
+                    continue
+            domain = domain_version & 0xFF
+            if domain == Domain.SYSTEM and first_tlv_type(buffer, pos) in RELAY_TLV_TYPES:
+                # Addressed to the relay: what came before goes out first (a bridge
+                # flag or a replay must take effect exactly here).
+                if count:
+                    forward(sender, bytes(view[start:pos]), count)
+                    total += count
+                    count = 0
+                total += 1
+                self.control(sender, bytes(view[pos:nxt]), pos)
+                start = nxt
+            elif accept(sender, buffer, pos, nxt, domain):
+                count += 1
+            else:
+                if count:
+                    forward(sender, bytes(view[start:pos]), count)
+                    total += count
+                    count = 0
+                total += 1
+                start = nxt
+            pos = nxt
+        if count:
+            forward(sender, bytes(view[start:pos]), count)
+            total += count
+        self.messages_in += total
+        return pos
+
+    def _accept(self, sender: Any, buffer: bytearray, pos: int, end: int,
+                domain: int) -> bool:
+        """True to forward the whole frame ``buffer[pos:end]``; otherwise it has been
+        refused, with the reason."""
+        if not logic.checksum_ok(buffer, self.checksum_policy, pos, end):
+            stored = CHECKSUM.unpack_from(buffer, pos + CHECKSUM_OFFSET)[0]
+            self.refuse(sender, f"checksum 0x{stored:08x} fails the "
+                        f"{self.checksum_policy!r} policy", pos, True)
+            return False
+        tlv_types = self.tlv_types
+        if tlv_types is not None and not logic.tlvs_ok(buffer, tlv_types, pos, end):
+            self.refuse(sender, "malformed TLV or type outside "
+                        f"{tlv_types.start}..{tlv_types.stop - 1}", pos, True)
+            return False
+        if self.default_filter:
+            if domain == self.domain:
+                return True
+            self.refuse(sender, f"domain {domain}, and this relay forwards domain "
+                        f"{self.domain} ({self.logic.name}) only", pos, False)
+            return False
+        if self.logic.should_forward(Header(*HEADER.unpack_from(buffer, pos))):
+            return True
+        self.refuse(sender, "refused by the domain's should_forward", pos, False)
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Outbound: a client's queue of chunks waiting to be written
+# ---------------------------------------------------------------------------------------
+
+# A pending entry: (chunk, messages in it, notice). notice is 0 for data, the messages a
+# gap notice announces (> 0), or REPLY for a relay's answer, which is never dropped.
+Entry = tuple[bytes, int, int]
+REPLY = -1
+WAITING = 1  # push(): data now waits, and none did before: watch the socket for writes
+OVER = 2  # push(): more waits than the high-water marks allow, after a write was tried
+
+
+class Outbound:
+    """A client's outbound queue: the chunks waiting to be written (``pending``), the
+    offset already written of the first (``sent``), their message and byte counts, the
+    high-water marks that guard them, and what was delivered and dropped.
+
+    ``push`` writes at once when nothing waits and queues only what the socket does not
+    take; ``write`` hands up to ``WRITE_BATCH_CHUNKS`` chunks to one ``sendmsg``;
+    ``drop_oldest`` drops whole chunks from the head, never the one being written. It
+    knows nothing of selectors or policies (the relay decides what an overflow means),
+    and any object with ``send`` and ``sendmsg`` can stand in for the socket.
+    """
+
+    __slots__ = ("sock", "pending", "sent", "messages", "bytes", "high_water",
+                 "high_water_bytes", "low_water", "low_water_bytes", "messages_out",
+                 "bytes_out", "progress_at", "dropped", "lost_total")
+
+    def __init__(self, sock: Any, high_water: int, high_water_bytes: int) -> None:
+        self.sock = sock
+        self.pending: collections.deque[Entry] = collections.deque()
+        self.sent = 0  # bytes of pending[0] already written
+        self.messages = 0  # messages waiting (gap notices and replies count 0)
+        self.bytes = 0  # bytes waiting, the whole of pending[0] included
+        self.high_water = high_water
+        self.high_water_bytes = high_water_bytes
+        self.low_water = high_water // LOW_WATER_DIVISOR
+        self.low_water_bytes = high_water_bytes // LOW_WATER_DIVISOR
+        self.messages_out = 0  # deliveries: messages fully written
+        self.bytes_out = 0
+        self.progress_at = _monotonic()  # the last write that made progress
+        self.dropped = 0  # messages dropped from this queue (drop_oldest)
+        self.lost_total = 0  # what the gap notices have told: drops plus upstream loss
+
+    def push(self, entry: Entry) -> int:
+        """Queue ``entry``, writing it at once if nothing waits. Returns 0, ``WAITING``
+        when it is the first data left waiting, plus ``OVER`` when more waits than the
+        high-water marks allow. Raises ``OSError`` when the write fails."""
+        pending = self.pending
+        chunk, count, _ = entry
+        if not pending:
+            try:
+                sent = self.sock.send(chunk)
+            except _WOULD_BLOCK:
+                sent = 0
+            self.bytes_out += sent
+            if sent == len(chunk):
+                self.messages_out += count
+                return 0
+            if sent:
+                self.progress_at = _monotonic()
+            self.sent = sent
+            pending.append(entry)
+            self.messages += count
+            self.bytes += len(chunk)
+            status = WAITING
+        else:
+            pending.append(entry)
+            self.messages += count
+            self.bytes += len(chunk)
+            if self.messages <= self.high_water and self.bytes <= self.high_water_bytes:
+                return 0
+            # SPEC: the limit counts what waits *after* a write was tried; the socket
+            # may have drained since the last writable event.
+            self.write()
+            status = 0
+        if self.messages > self.high_water or self.bytes > self.high_water_bytes:
+            status |= OVER
+        return status
+
+    def write(self) -> int:
+        """Write as much as the socket takes, in one ``sendmsg``; the messages it
+        delivered. Raises ``OSError`` when the write fails."""
+        pending = self.pending
+        if not pending:
+            return 0
+        buffers: list[bytes | memoryview] = [
+            entry[0] for entry in itertools.islice(pending, WRITE_BATCH_CHUNKS)]
+        sent = self.sent
+        if sent:
+            buffers[0] = memoryview(buffers[0])[sent:]
+        try:
+            written = self.sock.sendmsg(buffers)
+        except _WOULD_BLOCK:
+            return 0
+        self.bytes_out += written
+        self.progress_at = _monotonic()
+        written += sent
+        delivered = 0
+        while pending:
+            chunk, count, _ = pending[0]
+            size = len(chunk)
+            if written < size:
+                break
+            written -= size
+            pending.popleft()
+            delivered += count
+            self.messages -= count
+            self.bytes -= size
+        self.sent = written
+        self.messages_out += delivered
+        return delivered
+
+    def over_high_water(self) -> bool:
+        """More waits than the high-water marks allow."""
+        return self.messages > self.high_water or self.bytes > self.high_water_bytes
+
+    def under_low_water(self) -> bool:
+        """What waits is under both low-water marks (a quarter of the limits)."""
+        return self.messages <= self.low_water and self.bytes <= self.low_water_bytes
+
+    def drop_oldest(self, notice: Callable[[int, int], bytes] | None) -> int:
+        """Drop whole chunks from the head, never the one being written, the newest or
+        a reply, until the queue is back under its high-water marks; returns the
+        messages dropped. ``notice(dropped, total)`` makes the gap notice queued where
+        they were: it also announces what dropped notices had announced, so the notices
+        a client receives always add up to what it lost."""
+        pending = self.pending
+        at = 1 if self.sent else 0
+        dropped = carried = 0
+        while self.over_high_water() and len(pending) > at + 1:
+            chunk, count, kind = pending[at]
+            if kind == REPLY:
+                at += 1
+                continue
+            del pending[at]
+            self.messages -= count
+            self.bytes -= len(chunk)
+            dropped += count
+            if kind > 0:
+                carried += kind
+        if not dropped and not carried:
+            return 0
+        self.dropped += dropped
+        self.lost_total += dropped
+        if notice is not None:
+            frame = notice(dropped + carried, self.lost_total)
+            pending.insert(at, (frame, 0, dropped + carried))
+            self.bytes += len(frame)
+        return dropped
+
+    def tell_lost(self, lost: int, notice: Callable[[int, int], bytes]) -> int:
+        """Queue a gap notice for ``lost`` messages lost before reaching this relay,
+        after everything already queued (merged into a notice still waiting at the
+        tail). Returns ``WAITING`` or 0, as ``push`` does."""
+        self.lost_total += lost
+        pending = self.pending
+        if pending and pending[-1][2] > 0 and (len(pending) > 1 or not self.sent):
+            frame, _, told = pending.pop()
+            self.bytes -= len(frame)
+            lost += told
+        return self.push_notice(notice(lost, self.lost_total), lost)
+
+    def push_notice(self, frame: bytes, kind: int) -> int:
+        """Queue a frame of the relay's own (a gap notice or a ``REPLY``): it counts
+        toward the byte limit only. Returns ``WAITING`` or 0."""
+        status = self.push((frame, 0, kind))
+        return status & WAITING
+
+    def clear(self) -> None:
+        """Discard everything pending (the client is leaving)."""
+        self.pending.clear()
+        self.messages = self.bytes = self.sent = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Backpressure: pause, resume, stalls
+# ---------------------------------------------------------------------------------------
+
+
+class Backpressure:
+    """Flow control of a backpressure domain, in one place.
+
+    The relay stops reading from every client while any client *holds* it back (its
+    queue went over the high-water mark) and resumes once none does (each is back
+    under low water). The stall clock of a holder starts when it began to hold, or at
+    its last write progress, whichever is later; one that makes no progress for
+    ``stall_timeout`` seconds is reported by ``stalled``, so one dead consumer cannot
+    stop a domain for good. The relay turns reading off and on.
+    """
+
+    __slots__ = ("stall_timeout", "paused", "paused_at", "holders", "pauses")
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self.paused = False
+        self.paused_at = 0.0
+        self.holders: set[Client] = set()
+        self.pauses = 0
+
+    def pause(self, holders: set[Client], now: float) -> None:
+        """Start a pause held by ``holders`` (every client over low water)."""
+        self.paused = True
+        self.paused_at = now
+        self.pauses += 1
+        self.holders = holders
+        for client in holders:
+            client.blocked_at = now  # the stall clock starts now
+
+    def hold(self, client: Client, now: float) -> None:
+        """``client`` went over its limit during a pause: it holds the pause too."""
+        if client not in self.holders:
+            client.blocked_at = now
+            self.holders.add(client)
+
+    def release(self, client: Client) -> bool:
+        """``client`` holds no more (drained, leaving, or publish-only now); True when
+        that ends the pause."""
+        holders = self.holders
+        if client in holders:
+            holders.discard(client)
+            return self.paused and not holders
+        return False
+
+    def stalled(self, now: float) -> list[Client]:
+        """Holders that made no write progress for ``stall_timeout`` seconds."""
+        limit = self.stall_timeout
+        return [c for c in self.holders
+                if now - max(c.blocked_at, c.out.progress_at) >= limit]
+
+    def deadline(self) -> float:
+        """When the next holder would stall (``inf`` if none can)."""
+        if not self.paused or not self.holders:
+            return math.inf
+        return min(max(c.blocked_at, c.out.progress_at) for c in self.holders) + (
+            self.stall_timeout)
+
+    def end(self) -> None:
+        """The pause is over."""
+        self.paused = False
+        self.holders = set()
+
+
 # ---------------------------------------------------------------------------------------
 # Client: one accepted connection
 # ---------------------------------------------------------------------------------------
 
-# A pending entry: (chunk, messages in it, messages a gap notice announces (0 for data)).
-Entry = tuple[bytes, int, int]
+RECEIVERS, LOCAL_RECEIVERS, SELECTIVE, LOCAL_SELECTIVE = 1, 2, 4, 8  # fan-out lists
 
 
 class Client:
-    """Per-connection state: the read buffer, the pending queue and the subscription."""
+    """One accepted connection, its state grouped as the engine uses it: who it is, its
+    read cache, its subscription, its outbound queue, its state and its counters."""
 
     __slots__ = (
-        "id", "sock", "fileno", "buffer", "view", "fill", "received", "base",
-        "pending", "sent", "pending_messages", "pending_bytes",
-        "mode", "types", "gap_notices", "dropped_total", "dropped_unlogged",
-        "last_drop_log", "last_progress", "blocked_at", "reading", "writing", "closed",
-        "messages_in", "messages_out",
+        # who: the peer's credentials (SO_PEERCRED) and process name, once known
+        "id", "sock", "fileno", "pid", "uid", "gid", "process", "connected_at", "label",
+        # read cache: the buffer (allocated on the first read) and the incomplete frame
+        # kept at its start
+        "buffer", "view", "fill", "base",
+        # subscription, and the fan-out lists it is in (a bit mask)
+        "mode", "types", "gap_notices", "bridge", "listed", "lists",
+        # outbound queue
+        "out",
+        # state
+        "reading", "writing", "leaving", "closed", "blocked_at",
+        # counters (deliveries are the outbound queue's)
+        "messages_in", "bytes_in", "dropped_unlogged", "last_drop_log",
     )
 
-    def __init__(self, client_id: int, sock: socket.socket) -> None:
+    def __init__(self, client_id: int, sock: socket.socket, out: Outbound,
+                 credentials: tuple[int, int, int] | None) -> None:
         self.id = client_id
         self.sock = sock
         self.fileno = sock.fileno()
-        self.buffer: bytearray | None = None  # allocated on the first read: most clients
-        self.view: memoryview | None = None   # only consume, and 1000 x 64 KiB adds up
+        self.pid: int | None = credentials[0] if credentials else None
+        self.uid: int | None = credentials[1] if credentials else None
+        self.gid: int | None = credentials[2] if credentials else None
+        self.process = _process_name(self.pid) if self.pid else None
+        self.connected_at = time.time()
+        self.label = (f"client {client_id} (pid {self.pid} {self.process or '?'})"
+                      if self.pid else f"client {client_id}")
+        self.buffer: bytearray | None = None  # most clients only consume, and
+        self.view: memoryview | None = None    # 1000 x 64 KiB adds up
         self.fill = 0  # bytes of an incomplete frame kept at the start of the buffer
-        self.received = 0  # bytes received so far
         self.base = 0  # stream offset of buffer[0]: log lines name offsets in the stream
-        self.pending: collections.deque[Entry] = collections.deque()
-        self.sent = 0  # bytes of pending[0] already written
-        self.pending_messages = 0
-        self.pending_bytes = 0
         self.mode = SUBSCRIBE_ALL
         self.types: frozenset[int] = frozenset()
         self.gap_notices = False
-        self.dropped_total = 0
-        self.dropped_unlogged = 0
-        self.last_drop_log = 0.0
-        self.last_progress = time.monotonic()  # the last write that made progress
-        self.blocked_at = 0.0  # when the relay paused (or stayed paused) because of it
+        self.bridge = False
+        self.listed = False  # in the fan-out lists (once its first read is done)
+        self.lists = 0
+        self.out = out
         self.reading = True
         self.writing = False
+        self.leaving = False  # closing, or its write failed: never subscribed again
         self.closed = False
+        self.blocked_at = 0.0  # when it began to hold a backpressure pause
         self.messages_in = 0
-        self.messages_out = 0
+        self.bytes_in = 0
+        self.dropped_unlogged = 0
+        self.last_drop_log = 0.0
 
     def __repr__(self) -> str:
-        return f"<Client {self.id} pending={self.pending_messages} mode={self.mode}>"
+        return f"<Client {self.id} pending={self.out.messages} mode={self.mode}>"
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, if known."""
+    try:
+        pid, uid, gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except (OSError, AttributeError, struct.error):
+        return None  # not Linux
+    return (pid, uid, gid) if pid > 0 else None
+
+
+def _process_name(pid: int) -> str | None:
+    """The short name of process ``pid`` (``/proc/<pid>/comm``), if it can be read."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as comm:
+            return comm.read(64).strip().decode(errors="replace") or None
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,7 +994,8 @@ class Relay:
 
     Binds the socket at construction (so clients may connect at once); ``serve_forever``
     runs the loop until SIGINT/SIGTERM or ``shutdown()``. Every limit has a keyword
-    override; ``overflow`` and ``max_message_size`` default to the logic's.
+    override; ``overflow`` and ``max_message_size`` default to the logic's. Durations
+    may be ``math.inf`` (never).
     """
 
     def __init__(self, logic_: RelayLogic, *, socket_path: str | None = None,
@@ -203,7 +1005,9 @@ class Relay:
                  stall_timeout: float = STALL_TIMEOUT_S,
                  drain_timeout: float = DRAIN_TIMEOUT_S, socket_mode: int = SOCKET_MODE,
                  stats_interval: float = STATS_INTERVAL_S,
-                 busy_poll: float = BUSY_POLL_S) -> None:
+                 busy_poll: float = BUSY_POLL_S,
+                 allow_uids: Iterable[int] | None = None,
+                 allow_gids: Iterable[int] | None = None) -> None:
         self.logic = logic.validate_logic(logic_)
         self.socket_path = socket_path or self.logic.socket_path
         self.overflow = overflow or self.logic.overflow
@@ -217,68 +1021,70 @@ class Relay:
         if queue_limit < 1 or queue_bytes < 1:
             raise ValueError(f"queue limits must be positive, got {queue_limit} messages "
                              f"and {queue_bytes} bytes")
+        for name, value in (("stall_timeout", stall_timeout), ("drain_timeout", drain_timeout),
+                            ("stats_interval", stats_interval), ("busy_poll", busy_poll)):
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be 0 or more seconds (inf: never), got {value}")
+        if not 0 <= socket_mode <= 0o777:
+            raise ValueError(f"socket mode {socket_mode:o} is not a permission mode "
+                             "(0000..0777)")
         self.queue_limit = queue_limit
         self.queue_bytes = queue_bytes
-        self.low_water = queue_limit // LOW_WATER_DIVISOR
-        self.low_water_bytes = queue_bytes // LOW_WATER_DIVISOR
         self.max_connections = max_connections
         self.stall_timeout = stall_timeout
         self.drain_timeout = drain_timeout
         self.socket_mode = socket_mode
         self.stats_interval = stats_interval
         self.busy_poll = busy_poll
-
+        self.allow_uids = frozenset(allow_uids) if allow_uids is not None else None
+        self.allow_gids = frozenset(allow_gids) if allow_gids is not None else None
         self.domain = int(self.logic.domain)
-        self.checksum_policy = self.logic.checksum
-        self.tlv_types = self.logic.tlv_types
         self.relay_source = int(RELAY_SOURCE.get(self.domain, logic.Source.MARKET_DATA_RELAY))
-        # The default filter (domain equality) with no checksum or TLV policy takes the
-        # fast loop; otherwise _forward_checked checks this domain's frames inline and
-        # sends other frames (and every frame, for a custom filter) to _accept_frame.
-        # The fast loop leaves the size check to "frame fits the buffer", which holds
-        # only when the buffer never outgrows max_message_size.
-        self.default_filter = logic.uses_default_filter(self.logic)
-        self.fast_path = (self.default_filter and self.checksum_policy == "off"
-                          and self.tlv_types is None and self.domain != Domain.SYSTEM
-                          and self.max_message_size >= BUFFER_SIZE)
 
-        # Counters (Stats); plain ints so the hot path pays one attribute store each.
+        self.scanner = FrameScanner(self.logic, self.max_message_size, forward=self._broadcast,
+                                    control=self._control, refuse=self._refuse)
+        self.backpressure = Backpressure(stall_timeout)
+        # The overflow policy, chosen once: what happens to a client over its limit.
+        self._overflow: Callable[[Client], None] = {
+            "drop_oldest": self._drop_oldest, "disconnect": self._disconnect_slow,
+            "backpressure": self._hold_back}[self.overflow]
+
+        # Counters (Stats). Deliveries live in each client's Outbound; what departed
+        # clients had delivered is kept here, so stats() adds up.
         self.connections_total = 0
         self.connections_rejected = 0
-        self.messages_in = 0
         self.bytes_in = 0
-        self.messages_out = 0
-        self.bytes_out = 0
         self.messages_filtered = 0
         self.messages_invalid = 0
         self.protocol_errors = 0
         self.messages_dropped = 0
         self.slow_disconnects = 0
-        self.backpressure_pauses = 0
+        self.departed_messages_out = 0
+        self.departed_bytes_out = 0
 
         self.clients: dict[int, Client] = {}
-        self.receivers: list[Client] = []  # mode 0: every message. Rebuilt, never mutated,
-        self.selective: list[Client] = []  # so a close during a fan-out is safe.
-        self.paused = False  # backpressure: reading from every client stopped
-        self.paused_at = 0.0
-        self.blocking: set[Client] = set()  # clients over low water while paused
+        # Fan-out lists, replaced (never changed in place) so a close during a fan-out
+        # is safe. "local": without bridges, for what a bridge published.
+        self.receivers: list[Client] = []  # mode 0: every message
+        self.local_receivers: list[Client] = []
+        self.selective: list[Client] = []  # mode 1: messages of listed TLV types
+        self.local_selective: list[Client] = []
         self.failed_writers: list[Client] = []  # write failed: read what they sent, close
+        self.closed_clients: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=CLOSED_CLIENTS_KEPT)
         self.next_client_id = 1
-        self.column_cache: dict[int, tuple[tuple[int, bytes], ...]] = {}
-        # byte -> b"\1" for an accepted TLV type (never 255, the extended marker), else 0
-        self.tlv_type_table = bytes(
-            1 if self.tlv_types is not None and t in self.tlv_types and t != 255 else 0
-            for t in range(256))
-        self.gap_sequence = 0
+        self.notice_sequence = 0  # header sequence of the frames the relay makes
         self.last_warning: dict[str, float] = {}
         self.accept_resume_at = 0.0
         self.accept_deferred = False  # at max_connections: one loop turn granted to EOFs
         self.stopping = False
+        self.hurry = False  # a second stop signal: end the drain now
         self.serving = False
         self.stats_requested = False
         self.stopped = threading.Event()
-        self.started_at = time.monotonic()
-        self.last_stats: tuple[float, Stats] = (self.started_at, self.stats())
+        self.started_at = time.time()
+        self.started_monotonic = _monotonic()
+        self.last_stats: tuple[float, Stats] = (self.started_monotonic, self.stats())
 
         self.selector = selectors.DefaultSelector()
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -286,101 +1092,50 @@ class Relay:
         self.wake_writer.setblocking(False)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, None)
         self.spare_fd: int | None = os.open(os.devnull, os.O_RDONLY)
+        self.socket_file = SocketFile(self.socket_path, socket_mode)
         self.listener: socket.socket | None = None
-        self.socket_id: tuple[int, int] | None = None
         try:
             self._listen()
         except BaseException:
             self._release()
             raise
 
+    @property
+    def paused(self) -> bool:
+        """True while backpressure has stopped reading from every client."""
+        return self.backpressure.paused
+
     # -- setup ---------------------------------------------------------------------------
 
     def _listen(self) -> None:
-        """Bind the Unix socket; refuse to steal a live relay's or touch a non-socket."""
-        path = self.socket_path
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            try:
-                os.makedirs(parent, mode=PARENT_DIR_MODE, exist_ok=True)
-                os.chmod(parent, PARENT_DIR_MODE)
-            except OSError as exc:
-                raise RelayError(f"cannot create {parent}: {exc.strerror}") from None
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise RelayError(f"cannot use {path}: {exc.strerror or exc}") from None
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise RelayError(f"{path} exists and is not a socket; refusing to touch it: "
-                                 "remove it or pass --socket")
-            if self._relay_answers(path):
-                raise RelayError(f"another relay is already listening on {path}; "
-                                 "stop it or pass --socket")
-            log.info("removing stale socket %s (no relay answers there)", path)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(path)
-        except OSError as exc:
-            listener.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise RelayError(f"another relay is already listening on {path}; "
-                                 "stop it or pass --socket") from None
-            raise RelayError(f"cannot bind {path}: {exc.strerror or exc}") from None
-        try:
-            # chmod before listen(): no client can connect until the mode is right.
-            os.chmod(path, self.socket_mode)
-            st = os.stat(path)
-            self.socket_id = (st.st_dev, st.st_ino)
-            listener.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            listener.close()
-            raise RelayError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        listener = self.socket_file.bind()
         listener.setblocking(False)
         self.listener = listener
         self.selector.register(listener, selectors.EVENT_READ, None)
-        log.info("%s relay listening on %s (overflow %s, checksum %s, max message %d B)",
-                 self.logic.name, path, self.overflow, self.checksum_policy,
+        log.info("%s relay listening on %s (pid %d, socket mode %04o, overflow %s, "
+                 "checksum %s, max message %d B)", self.logic.name, self.socket_path,
+                 os.getpid(), self.socket_mode, self.overflow, self.logic.checksum,
                  self.max_message_size)
-
-    @staticmethod
-    def _relay_answers(path: str) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(CONNECT_PROBE_TIMEOUT_S)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError:
-            return True  # it exists and did not refuse (e.g. backlog full): a live relay
-        finally:
-            probe.close()
-        return True
 
     # -- public API ----------------------------------------------------------------------
 
     def stats(self) -> Stats:
         """A snapshot of the counters; safe to call from any thread."""
+        clients = list(self.clients.values())
         return Stats(
-            connections_active=len(self.clients),
+            connections_active=len(clients),
             connections_total=self.connections_total,
             connections_rejected=self.connections_rejected,
-            messages_in=self.messages_in,
+            messages_in=self.scanner.messages_in,
             bytes_in=self.bytes_in,
-            messages_out=self.messages_out,
-            bytes_out=self.bytes_out,
+            messages_out=self.departed_messages_out + sum(c.out.messages_out for c in clients),
+            bytes_out=self.departed_bytes_out + sum(c.out.bytes_out for c in clients),
             messages_filtered=self.messages_filtered,
             messages_invalid=self.messages_invalid,
             protocol_errors=self.protocol_errors,
             messages_dropped=self.messages_dropped,
             slow_disconnects=self.slow_disconnects,
-            backpressure_pauses=self.backpressure_pauses,
+            backpressure_pauses=self.backpressure.pauses,
         )
 
     def shutdown(self) -> None:
@@ -397,12 +1152,16 @@ class Relay:
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM or ``shutdown()``, then drain and clean up.
 
-        Signal handlers are installed only when called from the main thread.
+        Signal handlers are installed only when called from the main thread. They stay
+        installed until the socket is removed and the final stats are logged, so a
+        second (or tenth) stop signal only ends the drain early: the relay still exits
+        cleanly.
         """
         if self.stopped.is_set() or self.serving:
             raise RelayError("serve_forever() can run once per Relay; make a new one")
         self.serving = True
         previous: dict[signal.Signals, Any] = {}
+        previous_wakeup_fd = -1
         if threading.current_thread() is threading.main_thread():
             for signum, handler in ((signal.SIGINT, self._on_stop_signal),
                                     (signal.SIGTERM, self._on_stop_signal),
@@ -414,15 +1173,17 @@ class Relay:
             previous_wakeup_fd = signal.set_wakeup_fd(self.wake_writer.fileno(),
                                                       warn_on_full_buffer=False)
         try:
+            _notify_systemd("READY=1")
             self._loop()
+            _notify_systemd("STOPPING=1")
             self._drain()
         finally:
             if previous:  # before _release closes the wake-up socket
                 signal.set_wakeup_fd(previous_wakeup_fd)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             self._release()
             self._log_stats(final=True)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.stopped.set()
 
     def close(self, timeout: float | None = None) -> None:
@@ -444,7 +1205,12 @@ class Relay:
         self.close()
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: draining and stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.stopping:
+            log.info("%s received again: ending the drain now", name)
+            self.hurry = True
+        else:
+            log.info("%s received: draining and stopping", name)
         self.shutdown()
 
     def _on_stats_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -462,21 +1228,24 @@ class Relay:
         select = self.selector.select
         listener = self.listener
         wake_reader = self.wake_reader
-        next_stats = (time.monotonic() + self.stats_interval if self.stats_interval > 0
-                      else float("inf"))
+        next_stats = _monotonic() + self.stats_interval if self.stats_interval > 0 else math.inf
         busy_poll = self.busy_poll
-        monotonic = time.monotonic
+        sched_yield = os.sched_yield
         spin_until = 0.0
         while not self.stopping:
-            if busy_poll and monotonic() < spin_until:
+            if busy_poll and _monotonic() < spin_until:
                 # Busy polling: right after traffic, poll without sleeping so the next
                 # frame is seen without a wake-up (p50 one hop 42 -> ~25 us).
                 events = select(0)
                 if events:
-                    spin_until = monotonic() + busy_poll
+                    spin_until = _monotonic() + busy_poll
+                else:
+                    # Let a client waiting for this CPU run first: spinning through
+                    # the scheduler's slice held fixed-rate p99 at ~2.4 ms on 2 cores.
+                    sched_yield()
             else:
                 events = select(self._timeout(next_stats))
-                spin_until = monotonic() + busy_poll
+                spin_until = _monotonic() + busy_poll
             for key, mask in events:
                 client = key.data
                 if client is not None:
@@ -492,8 +1261,8 @@ class Relay:
                     self._drain_wake()
             if self.failed_writers:
                 self._finish_failed_writers()
-            now = time.monotonic()
-            if self.paused:
+            now = _monotonic()
+            if self.backpressure.paused:
                 self._check_stalls(now)
             if self.accept_resume_at and now >= self.accept_resume_at:
                 self._resume_accepting()
@@ -505,15 +1274,12 @@ class Relay:
                 self._log_stats()
 
     def _timeout(self, next_stats: float) -> float | None:
-        deadline = next_stats
-        if self.paused and self.blocking:
-            deadline = min(deadline, *(max(c.blocked_at, c.last_progress) + self.stall_timeout
-                                       for c in self.blocking))
+        deadline = min(next_stats, self.backpressure.deadline())
         if self.accept_resume_at:
             deadline = min(deadline, self.accept_resume_at)
-        if deadline == float("inf"):
+        if deadline == math.inf:
             return None
-        return max(0.0, deadline - time.monotonic())
+        return min(MAX_WAIT_S, max(0.0, deadline - _monotonic()))
 
     def _drain_wake(self) -> None:
         try:
@@ -560,17 +1326,44 @@ class Relay:
             self._add_client(sock)
 
     def _add_client(self, sock: socket.socket) -> None:
+        credentials = _peer_credentials(sock)
+        if not self._admitted(credentials):
+            sock.close()
+            self.connections_rejected += 1
+            pid, uid, gid = credentials or (None, None, None)
+            self._warn("credentials", "refused a connection from pid %s (uid %s, gid %s, "
+                       "%s): not in --allow-uid %s / --allow-gid %s (%d refused so far)",
+                       pid, uid, gid, _process_name(pid) if pid else "?",
+                       _id_list(self.allow_uids), _id_list(self.allow_gids),
+                       self.connections_rejected)
+            return
         sock.setblocking(False)
-        client = Client(self.next_client_id, sock)
+        client = Client(self.next_client_id, sock,
+                        Outbound(sock, self.queue_limit, self.queue_bytes), credentials)
         self.next_client_id += 1
         self.connections_total += 1
         self.clients[client.fileno] = client
-        if self.paused:
+        log.debug("%s: connected (uid %s, %d active)", client.label, client.uid,
+                  len(self.clients))
+        if self.backpressure.paused:
             client.reading = False  # joins the pause; resumes with everyone else
         else:
             self.selector.register(sock, selectors.EVENT_READ, client)
-        self._rebuild_receivers()
-        log.debug("client %d: connected (%d active)", client.id, len(self.clients))
+            # Read what it sent with its connect (a RELAY_SUBSCRIBE, a replay request)
+            # before it joins the fan-out, so it does not get a few messages it never
+            # asked for first.
+            self._read_ready(client)
+        client.listed = True
+        self._relist(client)
+
+    def _admitted(self, credentials: tuple[int, int, int] | None) -> bool:
+        if self.allow_uids is None and self.allow_gids is None:
+            return True
+        if credentials is None:
+            return False
+        _, uid, gid = credentials
+        return bool((self.allow_uids and uid in self.allow_uids)
+                    or (self.allow_gids and gid in self.allow_gids))
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         """EMFILE/ENFILE: refuse the waiting client with the spare descriptor so it gets
@@ -597,7 +1390,7 @@ class Relay:
         # Stop watching the listener for a moment: with level-triggered readiness a
         # listener we cannot drain would otherwise wake the loop without end.
         self.selector.unregister(listener)
-        self.accept_resume_at = time.monotonic() + ACCEPT_RETRY_S
+        self.accept_resume_at = _monotonic() + ACCEPT_RETRY_S
 
     def _resume_accepting(self) -> None:
         self.accept_resume_at = 0.0
@@ -609,7 +1402,7 @@ class Relay:
             except OSError:
                 pass
 
-    # -- the read path: one recv, walk the frames, forward runs of accepted frames -------
+    # -- the read path: one recv, then the scanner walks and forwards --------------------
 
     def _read_ready(self, client: Client) -> None:
         buffer = client.buffer
@@ -624,310 +1417,51 @@ class Relay:
         except _WOULD_BLOCK:
             return
         except OSError as exc:
-            self._close(client, f"read failed: {exc.strerror or exc}", vanished=True)
+            self._close(client, f"read failed: {exc.strerror or exc}", logging.DEBUG)
             return
         if not received:
-            why = "closed the connection" if not fill else (
-                f"closed the connection with {fill} bytes of an incomplete frame")
-            self._close(client, why, vanished=True)
+            why = "peer closed the connection" if not fill else (
+                f"peer closed the connection with {fill} bytes of an incomplete frame")
+            self._close(client, why, logging.DEBUG)
             return
         self.bytes_in += received
-        client.received += received
+        client.bytes_in += received
         end = fill + received
-        client.base = client.received - end  # stream offset of buffer[0], for log lines
-        if self.fast_path:
-            pos = self._forward_fast(client, buffer, end)
-        else:
-            pos = self._forward_checked(client, buffer, end)
+        client.base = client.bytes_in - end  # stream offset of buffer[0], for log lines
+        scanner = self.scanner
+        before = scanner.messages_in
+        pos = scanner.scan(client, buffer, end)
+        client.messages_in += scanner.messages_in - before
         if pos == end and len(buffer) == BUFFER_SIZE:
             client.fill = 0  # the common case of _keep_rest: nothing left over
-        elif pos >= 0:  # -1: a framing error closed the client
+        elif pos >= 0:
             self._keep_rest(client, buffer, pos, end)
-
-    def _forward_fast(self, client: Client, buffer: bytearray, end: int) -> int:
-        """Walk and forward frames of the default-filter, no-policy domain.
-
-        Returns where the incomplete rest starts, or -1 if the client was closed.
-        """
-        unpack = _FRAME_START.unpack_from
-        key = self.domain | _FRAME_KEY_VERSION
-        last = end - HEADER_SIZE
-        pos = start = count = total = 0
-        uniform = True  # try column checks until one finds no long run in this read
-        while True:
-            if uniform and end - pos >= UNIFORM_RUN_MIN_BYTES:
-                frames, size = self._uniform_run(buffer, pos, end)
-                if frames:
-                    pos += frames * size
-                    count += frames
-                else:
-                    uniform = False
-            # The per-frame loop, shaped for speed: locals only, magic and
-            # domain+version compared as two ints, the size check implied by
-            # "the frame fits the buffer" (see fast_path). ~150 ns a frame.
-            while pos <= last:
-                magic, domain_version, payload_size = unpack(buffer, pos)
-                if magic != 0xDEADBEEF or domain_version != key:
-                    break
-                nxt = pos + HEADER_SIZE + payload_size
-                if nxt > end:
-                    break
-                pos = nxt
-                count += 1
-            else:
-                break
-            # A frame that is not plain data of this domain, or does not fit yet.
-            magic, domain_version, payload_size = unpack(buffer, pos)
-            nxt = pos + HEADER_SIZE + payload_size
-            if (magic == MAGIC and domain_version >> 8 == VERSION and nxt <= end
-                    and nxt - pos <= self.max_message_size):
-                if count:
-                    self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
-                    total += count
-                    count = 0
-                total += 1
-                self._handle_other(client, buffer, pos, nxt, domain_version & 0xFF)
-                pos = start = nxt
-                continue
-            if magic == MAGIC and domain_version >> 8 == VERSION and (
-                    HEADER_SIZE + payload_size <= self.max_message_size):
-                break  # a valid frame still arriving
-            if count:
-                self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
-                total += count
-            self._count_in(client, total)
-            self._protocol_error(client, buffer, pos)
-            return -1
-        if count:
-            self._broadcast(client, bytes(memoryview(buffer)[start:pos]), count)
-            total += count
-        self.messages_in += total
-        client.messages_in += total
-        return pos
-
-    def _uniform_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
-        """How many whole frames from ``pos`` on are valid frames of this domain with
-        the same size as the first: ``(frames, size)``, or ``(0, 0)`` if too few.
-
-        Shaped for speed: a feed of same-size messages (all Trades, all 64-byte bench
-        frames) is validated a header *column* at a time: ``buffer[pos+i:stop:size]``
-        gathers byte i of every frame in C and ``lstrip`` finds the first frame whose
-        byte differs. Ten columns (magic, domain, version, payload_size) prove what
-        the per-frame loop would: if frame j is valid and has the first frame's
-        size, frame j+1 starts exactly ``size`` bytes later. ~12 ns a frame instead
-        of ~150 ns; a stream of mixed sizes falls back to the per-frame loop.
-        """
-        if end - pos < UNIFORM_RUN_MIN_BYTES:
-            return 0, 0
-        size = HEADER_SIZE + _FRAME_START.unpack_from(buffer, pos)[2]
-        if size > self.max_message_size:
-            return 0, 0  # the frame-by-frame walk reports it as a protocol error
-        frames = (end - pos) // size
-        if frames < UNIFORM_RUN_MIN_FRAMES:
-            return 0, 0
-        for offset, expected in self._uniform_columns(size):
-            rest = buffer[pos + offset:pos + frames * size:size].lstrip(expected)
-            if rest:
-                frames -= len(rest)
-                if frames < UNIFORM_RUN_MIN_FRAMES:
-                    return 0, 0
-        return frames, size
-
-    def _checked_run(self, buffer: bytearray, pos: int, end: int) -> tuple[int, int]:
-        """``_uniform_run`` for a domain with checksum and TLV policies: the run's
-        frames must also hold one standard TLV of an accepted type (two more columns)
-        and pass the checksum policy (still one CRC a frame: ~0.3 us instead of ~0.75)."""
-        frames, size = self._uniform_run(buffer, pos, end)
-        if not frames:
-            return 0, 0
-        if self.tlv_types is not None:
-            length = size - HEADER_SIZE - 2
-            if not 0 <= length <= 255:
-                return 0, 0
-            first = pos + HEADER_SIZE
-            frames -= len(buffer[first + 1:pos + frames * size:size].lstrip(_BYTES[length]))
-            types = buffer[first:pos + frames * size:size]
-            frames -= len(types.translate(self.tlv_type_table).lstrip(b"\1"))
-        if self.checksum_policy != "off" and frames:
-            unpack_checksum = _CHECKSUM.unpack_from
-            crc32 = zlib.crc32
-            view = memoryview(buffer)
-            require = self.checksum_policy == "require"
-            stop = pos + frames * size
-            at = pos
-            while at < stop:
-                stored = unpack_checksum(buffer, at + CHECKSUM_OFFSET)[0]
-                if stored:
-                    if crc32(view[at + HEADER_SIZE:at + size],
-                             crc32(view[at:at + CHECKSUM_OFFSET])) != stored:
-                        break
-                elif require:
-                    break
-                at += size
-            frames = (at - pos) // size
-        return frames, size
-
-    def _uniform_columns(self, size: int) -> tuple[tuple[int, bytes], ...]:
-        """The (offset, byte) pairs every frame of ``size`` bytes of this domain has:
-        magic, domain, version and payload_size. Cached per size."""
-        columns = self.column_cache.get(size)
-        if columns is None:
-            expected = struct.pack("<IBB", MAGIC, self.domain, VERSION)
-            expected_size = struct.pack("<I", size - HEADER_SIZE)
-            columns = tuple((i, expected[i:i + 1]) for i in range(6)) + tuple(
-                (24 + i, expected_size[i:i + 1]) for i in range(4))
-            if len(self.column_cache) > 64:
-                self.column_cache.clear()
-            self.column_cache[size] = columns
-        return columns
-
-    def _forward_checked(self, client: Client, buffer: bytearray, end: int) -> int:
-        """Walk and forward frames applying the domain's checksum, TLV and filter
-        policies to each; same contract as ``_forward_fast``."""
-        unpack = _FRAME_START.unpack_from
-        unpack_checksum = _CHECKSUM.unpack_from
-        crc32 = zlib.crc32
-        tlvs_ok = logic.tlvs_ok
-        view = memoryview(buffer)
-        max_size = self.max_message_size
-        accept = self._accept_frame
-        # Frames of this domain are checked inline when the filter is the default one;
-        # -1 never matches, so a custom filter (or a system-domain logic, whose frames
-        # may be control frames) sends every frame to _accept_frame.
-        inline = self.default_filter and self.domain != Domain.SYSTEM
-        key = self.domain | _FRAME_KEY_VERSION if inline else -1
-        verify = self.checksum_policy != "off"
-        require = self.checksum_policy == "require"
-        tlv_types = self.tlv_types
-        checked_run = self._checked_run
-        retry_at = 0 if inline else end  # when to try a column-checked run
-        last = end - HEADER_SIZE
-        pos = start = count = total = 0
-        while pos <= last:
-            if pos >= retry_at:
-                frames, size = checked_run(buffer, pos, end)
-                if frames:
-                    pos += frames * size
-                    count += frames
-                    continue
-                retry_at = pos + UNIFORM_RETRY_BYTES
-            magic, domain_version, payload_size = unpack(buffer, pos)
-            nxt = pos + HEADER_SIZE + payload_size
-            if magic != MAGIC or domain_version >> 8 != VERSION or nxt - pos > max_size:
-                if count:
-                    self._broadcast(client, bytes(view[start:pos]), count)
-                    total += count
-                self._count_in(client, total)
-                self._protocol_error(client, buffer, pos)
-                return -1
-            if nxt > end:
-                break
-            if domain_version == key:
-                # Shaped for speed: a frame of this domain is checked inline, a single
-                # standard TLV without tlvs_ok: ~0.5 us a frame instead of ~1.1 us.
-                ok = True
-                if verify:
-                    stored = unpack_checksum(buffer, pos + CHECKSUM_OFFSET)[0]
-                    if stored:
-                        ok = crc32(view[pos + HEADER_SIZE:nxt],
-                                   crc32(view[pos:pos + CHECKSUM_OFFSET])) == stored
-                    else:
-                        ok = not require
-                if ok and tlv_types is not None:
-                    first = pos + HEADER_SIZE
-                    if (payload_size >= 2 and buffer[first + 1] + 2 == payload_size
-                            and buffer[first] != 255):
-                        ok = buffer[first] in tlv_types
-                    else:
-                        ok = tlvs_ok(buffer, tlv_types, pos, nxt)
-                if ok:
-                    count += 1
-                    pos = nxt
-                    continue
-            if accept(client, buffer, pos, nxt, domain_version & 0xFF):
-                count += 1
-            else:
-                if count:
-                    self._broadcast(client, bytes(view[start:pos]), count)
-                    total += count
-                    count = 0
-                total += 1
-                start = nxt
-            pos = nxt
-        if count:
-            self._broadcast(client, bytes(view[start:pos]), count)
-            total += count
-        self._count_in(client, total)
-        return pos
-
-    def _accept_frame(self, client: Client, buffer: bytearray, pos: int, end: int,
-                      domain: int) -> bool:
-        """True to forward the whole frame ``buffer[pos:end]``; otherwise it has been
-        applied (control frame) or counted (filtered / invalid)."""
-        if domain == Domain.SYSTEM and self._is_control(buffer, pos, end):
-            self._apply_control(client, bytes(buffer[pos:end]), pos)
-            return False
-        if not logic.checksum_ok(buffer, self.checksum_policy, pos, end):
-            stored = _CHECKSUM.unpack_from(buffer, pos + CHECKSUM_OFFSET)[0]
-            self._invalid(client, f"checksum 0x{stored:08x} fails the "
-                          f"{self.checksum_policy!r} policy", pos)
-            return False
-        tlv_types = self.tlv_types
-        if tlv_types is not None and not logic.tlvs_ok(buffer, tlv_types, pos, end):
-            self._invalid(client, "malformed TLV or type outside "
-                          f"{tlv_types.start}..{tlv_types.stop - 1}", pos)
-            return False
-        if self.default_filter:
-            forward = domain == self.domain
         else:
-            forward = self.logic.should_forward(Header(*HEADER.unpack_from(buffer, pos)))
-        if not forward:
-            self.messages_filtered += 1
-        return forward
+            self._protocol_error(client, buffer, ~pos)
 
-    def _handle_other(self, client: Client, buffer: bytearray, pos: int, end: int,
-                      domain: int) -> None:
-        """A whole frame the fast loop stopped at (a control frame, or a message of
-        another domain): the domain's rules decide on it alone."""
-        if self._accept_frame(client, buffer, pos, end, domain):
-            self._broadcast(client, bytes(buffer[pos:end]), 1)
-
-    @staticmethod
-    def _is_control(buffer: bytearray, pos: int, end: int) -> bool:
-        first = pos + HEADER_SIZE
-        if end - first >= 2 and buffer[first] == RELAY_SUBSCRIBE:
-            return True
-        return (end - first >= 5 and buffer[first] == logic.EXTENDED_TLV
-                and buffer[first + 1] == 0 and buffer[first + 2] == RELAY_SUBSCRIBE)
-
-    def _apply_control(self, client: Client, frame: bytes, pos: int) -> None:
-        try:
-            _, tlvs = logic.parse_message(frame)
-            subscription = logic.decode_subscribe(tlvs[0][1])
-        except ProtocolError as exc:
-            self._invalid(client, f"bad RELAY_SUBSCRIBE: {exc}", pos)
-            return
-        client.mode = subscription.mode
-        client.types = subscription.tlv_types
-        client.gap_notices = subscription.gap_notices
-        self._rebuild_receivers()
-        log.debug("client %d: subscribed mode %d types %s gap notices %s", client.id,
-                  client.mode, sorted(client.types), client.gap_notices)
-
-    def _invalid(self, client: Client, why: str, pos: int) -> None:
-        self.messages_invalid += 1
-        self._warn("invalid", "client %d: dropped an invalid frame at offset %d: %s "
-                   "(%d invalid frames in total; at most one such line a second)",
-                   client.id, client.base + pos, why, self.messages_invalid)
-
-    def _count_in(self, client: Client, messages: int) -> None:
-        self.messages_in += messages
-        client.messages_in += messages
+    def _keep_rest(self, client: Client, buffer: bytearray, pos: int, end: int) -> None:
+        """Move an incomplete frame to the buffer's start. A frame larger than the
+        buffer grows it as its bytes arrive (doubling, never past the frame's size), so
+        memory follows what was received, not what a header announced; the buffer
+        shrinks back once that frame has gone."""
+        rest = end - pos
+        client.fill = rest
+        size = len(buffer)
+        if pos:
+            buffer[:rest] = buffer[pos:end]
+        needed = (HEADER_SIZE + FRAME_START.unpack_from(buffer, 0)[2]
+                  if rest >= HEADER_SIZE else rest)
+        if needed > size and rest * 2 >= size:
+            grown = bytearray(min(needed, 2 * size))
+            grown[:rest] = buffer[:rest]
+            client.buffer, client.view = grown, memoryview(grown)
+        elif size > BUFFER_SIZE and rest * 2 < BUFFER_SIZE and needed <= BUFFER_SIZE:
+            small = bytearray(BUFFER_SIZE)
+            small[:rest] = buffer[:rest]
+            client.buffer, client.view = small, memoryview(small)
 
     def _protocol_error(self, client: Client, buffer: bytearray, pos: int) -> None:
-        magic, domain_version, payload_size = _FRAME_START.unpack_from(buffer, pos)
-        self.messages_in += 1
-        offset = client.base + pos
+        magic, domain_version, payload_size = FRAME_START.unpack_from(buffer, pos)
         if magic != MAGIC:
             why = f"bad magic 0x{magic:08x}"
         elif domain_version >> 8 != VERSION:
@@ -936,59 +1470,83 @@ class Relay:
             why = (f"payload_size {payload_size} makes a {HEADER_SIZE + payload_size}-byte "
                    f"frame, over max_message_size {self.max_message_size}")
         self.protocol_errors += 1
-        log.warning("client %d: %s at offset %d, closing", client.id, why, offset)
-        self._close(client, why, logged=True)
+        self._close(client, f"{why} at offset {client.base + pos}", logging.WARNING)
 
-    def _keep_rest(self, client: Client, buffer: bytearray, pos: int, end: int) -> None:
-        """Move an incomplete frame to the buffer's start; grow the buffer for a frame
-        larger than it, shrink it back once that frame has gone."""
-        rest = end - pos
-        client.fill = rest
-        if not rest:
-            if len(buffer) != BUFFER_SIZE:
-                client.buffer = bytearray(BUFFER_SIZE)
-                client.view = memoryview(client.buffer)
+    def _refuse(self, client: Client, why: str, pos: int, invalid: bool) -> None:
+        """A frame the domain's rules dropped: count it, say so (at most once a second)."""
+        if invalid:
+            self.messages_invalid += 1
+            self._warn("invalid", "%s: dropped an invalid frame at offset %d: %s "
+                       "(%d invalid frames in total; at most one such line a second)",
+                       client.label, client.base + pos, why, self.messages_invalid)
+        else:
+            self.messages_filtered += 1
+            if self.scanner.default_filter:  # a custom filter refuses by design
+                self._warn("filtered", "%s: filtered a frame at offset %d: %s (%d filtered "
+                           "in total; at most one such line a second)", client.label,
+                           client.base + pos, why, self.messages_filtered)
+
+    # -- fan-out -------------------------------------------------------------------------
+
+    def _relist(self, client: Client) -> None:
+        """Put ``client`` in the fan-out lists its subscription and state call for.
+        Only lists that change are replaced (a copy in C, ~2 us with 1000 clients), so a
+        flood of identical RELAY_SUBSCRIBEs costs next to nothing."""
+        if not client.listed:
+            return  # still being accepted: it is listed once its first read is done
+        wanted = 0
+        if not client.leaving:
+            if client.mode == SUBSCRIBE_ALL:
+                wanted = RECEIVERS | (0 if client.bridge else LOCAL_RECEIVERS)
+            elif client.mode == SUBSCRIBE_TYPES:
+                wanted = SELECTIVE | (0 if client.bridge else LOCAL_SELECTIVE)
+        had = client.lists
+        if had == wanted:
             return
-        if pos:
-            buffer[:rest] = buffer[pos:end]
-        if rest >= HEADER_SIZE:
-            size = HEADER_SIZE + _FRAME_START.unpack_from(buffer, 0)[2]
-            if size > len(buffer):
-                grown = bytearray(size)
-                grown[:rest] = buffer[:rest]
-                client.buffer = grown
-                client.view = memoryview(grown)
-
-    # -- fan-out and the write path ------------------------------------------------------
-
-    def _rebuild_receivers(self) -> None:
-        clients = self.clients.values()
-        self.receivers = [c for c in clients if c.mode == SUBSCRIBE_ALL]
-        self.selective = [c for c in clients if c.mode == SUBSCRIBE_TYPES]
+        client.lists = wanted
+        for bit, name in ((RECEIVERS, "receivers"), (LOCAL_RECEIVERS, "local_receivers"),
+                          (SELECTIVE, "selective"), (LOCAL_SELECTIVE, "local_selective")):
+            if (had ^ wanted) & bit:
+                members = list(getattr(self, name))
+                if wanted & bit:
+                    members.append(client)
+                else:
+                    members.remove(client)
+                setattr(self, name, members)
 
     def _broadcast(self, sender: Client, chunk: bytes, count: int) -> None:
         """Queue one chunk (``count`` whole frames) for every other client: the same
-        ``bytes`` object in every queue."""
+        ``bytes`` object in every queue. What a bridge published skips the bridges."""
         entry = (chunk, count, 0)
-        enqueue = self._enqueue
-        for receiver in self.receivers:
-            if receiver is not sender and not receiver.closed:
-                enqueue(receiver, entry)
-        if self.selective:
-            self._broadcast_selective(sender, chunk)
+        if sender.bridge:
+            receivers, selective = self.local_receivers, self.local_selective
+        else:
+            receivers, selective = self.receivers, self.selective
+        for receiver in receivers:
+            if receiver is not sender and not receiver.leaving:
+                try:
+                    status = receiver.out.push(entry)
+                except OSError as exc:
+                    self._write_failed(receiver, exc)
+                    continue
+                if status:
+                    self._pushed(receiver, status)
+        if selective:
+            self._broadcast_selective(sender, chunk, selective)
 
-    def _broadcast_selective(self, sender: Client, chunk: bytes) -> None:
+    def _broadcast_selective(self, sender: Client, chunk: bytes,
+                             selective: list[Client]) -> None:
         """Mode 1 clients get the frames whose first TLV type they listed; clients with
         the same list share one filtered copy."""
         frames: list[tuple[int, int, int | None]] = []
         pos, end = 0, len(chunk)
         while pos < end:
-            nxt = pos + HEADER_SIZE + _FRAME_START.unpack_from(chunk, pos)[2]
+            nxt = pos + HEADER_SIZE + FRAME_START.unpack_from(chunk, pos)[2]
             frames.append((pos, nxt, logic.first_tlv_type(chunk, pos)))
             pos = nxt
         shared: dict[frozenset[int], Entry | None] = {}
-        for receiver in self.selective:
-            if receiver is sender or receiver.closed:
+        for receiver in selective:
+            if receiver is sender or receiver.leaving:
                 continue
             types = receiver.types
             if types not in shared:
@@ -996,124 +1554,84 @@ class Relay:
                 shared[types] = (b"".join(parts), len(parts), 0) if parts else None
             entry = shared[types]
             if entry is not None:
-                self._enqueue(receiver, entry)
+                self._deliver(receiver, entry)
 
-    def _enqueue(self, client: Client, entry: Entry) -> None:
-        chunk, count, _ = entry
-        size = len(chunk)
-        if not client.pending:
-            # Nothing queued: write now, queue only what the socket does not take.
-            try:
-                sent = client.sock.send(chunk)
-            except _WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                self._write_failed(client, exc)
-                return
-            self.bytes_out += sent
-            if sent == size:
-                self.messages_out += count
-                client.messages_out += count
-                return
-            client.sent = sent
-            if sent:
-                client.last_progress = time.monotonic()
-            if not client.writing:
-                self._watch_writes(client, True)
-        client.pending.append(entry)
-        client.pending_messages += count
-        client.pending_bytes += size
-        if client.pending_messages > self.queue_limit or client.pending_bytes > self.queue_bytes:
-            if client.writing:
-                # SPEC: the limit counts what waits *after* a write was tried; the
-                # socket may have drained since the last writable event.
-                self._write_ready(client)
-                if client.pending_messages <= self.queue_limit and (
-                        client.pending_bytes <= self.queue_bytes):
-                    return
-                if client.mode == SUBSCRIBE_NONE and not client.pending:
-                    return  # the write failed: the client is leaving
-            self._overflow(client)
-
-    def _write_ready(self, client: Client) -> None:
-        """Write as much of the pending queue as the socket takes, in one sendmsg."""
-        pending = client.pending
-        if not pending:
-            self._watch_writes(client, False)
-            return
-        buffers: list[bytes | memoryview] = []
-        for index, entry in enumerate(pending):
-            if index == WRITE_BATCH_CHUNKS:
-                break
-            buffers.append(entry[0])
-        if client.sent:
-            buffers[0] = memoryview(buffers[0])[client.sent:]
+    def _deliver(self, client: Client, entry: Entry) -> None:
+        """Queue one entry for one client, and act on what its queue reports."""
         try:
-            written = client.sock.sendmsg(buffers)
-        except _WOULD_BLOCK:
-            return
+            status = client.out.push(entry)
         except OSError as exc:
             self._write_failed(client, exc)
             return
-        self.bytes_out += written
-        client.last_progress = time.monotonic()
-        written += client.sent
-        delivered = 0
-        while pending:
-            chunk, count, _ = pending[0]
-            size = len(chunk)
-            if written < size:
-                break
-            written -= size
-            pending.popleft()
-            delivered += count
-            client.pending_messages -= count
-            client.pending_bytes -= size
-        client.sent = written
-        self.messages_out += delivered
-        client.messages_out += delivered
-        if not pending:
+        if status:
+            self._pushed(client, status)
+
+    def _deliver_own(self, client: Client, frame: bytes, kind: int) -> None:
+        """Queue a frame the relay made for this client (a notice or a reply)."""
+        try:
+            status = client.out.push_notice(frame, kind)
+        except OSError as exc:
+            self._write_failed(client, exc)
+            return
+        if status:
+            self._pushed(client, status)
+
+    def _pushed(self, client: Client, status: int) -> None:
+        if status & WAITING and not client.writing:
+            self._watch_writes(client, True)
+        if status & OVER:
+            self._overflow(client)
+
+    # -- the write path ------------------------------------------------------------------
+
+    def _write_ready(self, client: Client) -> None:
+        """The socket is writable: write what is pending, in one sendmsg."""
+        out = client.out
+        try:
+            out.write()
+        except OSError as exc:
+            self._write_failed(client, exc)
+            return
+        if not out.pending:
             self._watch_writes(client, False)
-        if self.blocking and client in self.blocking and self._under_low_water(client):
-            self.blocking.discard(client)
-            if not self.blocking:
-                self._resume()
+        holders = self.backpressure.holders
+        if holders and client in holders and out.under_low_water():
+            self._unhold(client)
 
     def _write_failed(self, client: Client, exc: OSError) -> None:
         """The client cannot take data (it closed, or shut down its reading side). Do
         not close it yet: what it sent before going away may still wait in its socket.
-        Stop writing to it; after this batch of events, ``_finish_failed_writers``
+        Mark it leaving (it is never subscribed again, and leaves every fan-out list),
+        stop writing to it; after this batch of events ``_finish_failed_writers``
         forwards what it sent and closes it (later, not here: forwarding its data may
         fail a write to another departed client, and recursion has no bound)."""
-        client.mode = SUBSCRIBE_NONE
-        client.pending.clear()
-        client.pending_messages = client.pending_bytes = client.sent = 0
+        if client.leaving:
+            return
+        client.leaving = True
+        client.out.clear()
         client.writing = False
+        self._relist(client)
         self._update_events(client)
-        self._rebuild_receivers()
-        if client in self.blocking:
-            self.blocking.discard(client)
-            if self.paused and not self.blocking:
-                self._resume()
+        self._unhold(client)
         self.failed_writers.append(client)
-        log.debug("client %d: write failed (%s); reading what it sent, then closing",
-                  client.id, exc.strerror or exc)
+        log.debug("%s: write failed (%s); reading what it sent, then closing",
+                  client.label, exc.strerror or exc)
 
     def _finish_failed_writers(self) -> None:
         """Forward what departed clients sent before they went away, then close them."""
         while self.failed_writers:
             client = self.failed_writers.pop()
-            if self.paused:
+            if self.backpressure.paused:
                 continue  # reading stays paused; on resume the read path finds its EOF
             for _ in range(FAILED_WRITER_READS):
                 if client.closed:
                     break
-                received = client.received
+                received = client.bytes_in
                 self._read_ready(client)  # closes it at EOF or on a reset
-                if client.received == received:
+                if client.bytes_in == received:
                     break  # nothing more waiting
             if not client.closed:
-                self._close(client, "went away (a write to it failed)", vanished=True)
+                self._close(client, "went away (a write to it failed)", logging.DEBUG)
 
     def _watch_writes(self, client: Client, on: bool) -> None:
         client.writing = on
@@ -1134,126 +1652,240 @@ class Relay:
         elif key.events != events:
             selector.modify(client.sock, events, client)
 
-    # -- overflow ------------------------------------------------------------------------
-
-    def _overflow(self, client: Client) -> None:
-        """The client is over its queue limit: apply the domain's overflow policy."""
-        if self.overflow == "drop_oldest":
-            self._drop_oldest(client)
-        elif self.overflow == "disconnect":
-            self.slow_disconnects += 1
-            why = (f"slow consumer: {client.pending_messages} messages / "
-                   f"{client.pending_bytes} bytes pending, over the limit of "
-                   f"{self.queue_limit} / {self.queue_bytes}")
-            log.warning("client %d: %s, disconnecting", client.id, why)
-            self._close(client, why, logged=True)
-        elif not self.paused:
-            self._pause()
-        elif client not in self.blocking:
-            client.blocked_at = time.monotonic()  # the stall clock starts now
-            self.blocking.add(client)
+    # -- overflow: the three policies ----------------------------------------------------
 
     def _drop_oldest(self, client: Client) -> None:
-        """Drop whole queued chunks from the head (never the one being written) until
-        the client is back under its limit; announce the gap if it asked."""
-        pending = client.pending
-        keep = 1 if client.sent else 0
-        dropped = 0
-        carried = 0  # counts of gap notices dropped here: announced again below
-        while ((client.pending_messages > self.queue_limit
-                or client.pending_bytes > self.queue_bytes) and len(pending) > keep + 1):
-            chunk, count, gap = pending[keep]
-            del pending[keep]
-            client.pending_messages -= count
-            client.pending_bytes -= len(chunk)
-            dropped += count
-            carried += gap
-        if not dropped and not carried:
+        """drop_oldest: drop whole chunks from the head of its queue; tell it in-band."""
+        out = client.out
+        dropped = out.drop_oldest(self._gap_notice if client.gap_notices else None)
+        if not dropped:
             return
         self.messages_dropped += dropped
-        client.dropped_total += dropped
         client.dropped_unlogged += dropped
-        if client.gap_notices:
-            self.gap_sequence += 1
-            notice = logic.gap_message(dropped + carried, client.dropped_total,
-                                       source=self.relay_source, sequence=self.gap_sequence)
-            pending.insert(keep, (notice, 0, dropped + carried))
-            client.pending_bytes += len(notice)
-        now = time.monotonic()
+        now = _monotonic()
         if now - client.last_drop_log >= WARNING_INTERVAL_S:
-            log.warning("client %d: slow consumer, dropped %d oldest messages "
-                        "(%d in total for this client)", client.id, client.dropped_unlogged,
-                        client.dropped_total)
+            log.warning("%s: slow consumer, dropped %d oldest messages (%d in total for "
+                        "this client)", client.label, client.dropped_unlogged, out.dropped)
             client.last_drop_log = now
             client.dropped_unlogged = 0
 
-    def _under_low_water(self, client: Client) -> bool:
-        return (client.pending_messages <= self.low_water
-                and client.pending_bytes <= self.low_water_bytes)
+    def _gap_notice(self, dropped: int, total: int) -> bytes:
+        self.notice_sequence += 1
+        return logic.gap_message(dropped, total, source=self.relay_source,
+                                 sequence=self.notice_sequence)
 
-    def _pause(self) -> None:
-        """Backpressure: stop reading from every client until every queue is under the
-        low-water mark."""
-        self.paused = True
-        self.paused_at = time.monotonic()
-        self.backpressure_pauses += 1
-        self.blocking = {c for c in self.clients.values() if not self._under_low_water(c)}
-        for client in self.blocking:
-            client.blocked_at = self.paused_at  # the stall clock starts now
-        for client in self.clients.values():
-            client.reading = False
-            self._update_events(client)
-        log.info("backpressure: paused reading, %d slow clients over the limit",
-                 len(self.blocking))
+    def _disconnect_slow(self, client: Client) -> None:
+        """disconnect: the slow client is closed; the others never notice."""
+        self.slow_disconnects += 1
+        out = client.out
+        self._close(client, f"slow consumer: {out.messages} messages / {out.bytes} bytes "
+                    f"pending, over the limit of {self.queue_limit} / {self.queue_bytes}",
+                    logging.WARNING)
+
+    # -- backpressure: pause, resume, stalls ---------------------------------------------
+
+    def _hold_back(self, client: Client) -> None:
+        """backpressure: over its limit, the client pauses reading from everyone (or
+        holds the pause that is on). A publish-only client never holds anyone back."""
+        if client.mode == SUBSCRIBE_NONE or client.leaving:
+            return
+        backpressure = self.backpressure
+        if backpressure.paused:
+            backpressure.hold(client, _monotonic())
+            return
+        holders = {c for c in self.clients.values()
+                   if c.mode != SUBSCRIBE_NONE and not c.leaving and not c.out.under_low_water()}
+        holders.add(client)
+        backpressure.pause(holders, _monotonic())
+        for other in self.clients.values():
+            other.reading = False
+            self._update_events(other)
+        self._note("pause", "backpressure: paused reading, %d slow clients over the limit "
+                   "(%d pauses so far)", len(holders), backpressure.pauses)
+
+    def _unhold(self, client: Client) -> None:
+        """``client`` no longer holds the pause (drained, leaving, publish-only)."""
+        if self.backpressure.release(client):
+            self._resume()
 
     def _resume(self) -> None:
         if self.stopping:
             return  # draining: reading stays off
-        self.paused = False
+        backpressure = self.backpressure
+        paused_for = _monotonic() - backpressure.paused_at
+        backpressure.end()
         for client in list(self.clients.values()):
             client.reading = True
             self._update_events(client)
-        log.debug("backpressure: resumed reading after %.3f s",
-                  time.monotonic() - self.paused_at)
+        self._note("resume", "backpressure: resumed reading after %.3f s", paused_for)
 
     def _check_stalls(self, now: float) -> None:
-        for client in list(self.blocking):
-            since = max(client.blocked_at, client.last_progress)
-            if now - since >= self.stall_timeout:
-                self.slow_disconnects += 1
-                why = (f"no write progress for {now - since:.1f} s while the relay is "
-                       f"paused ({client.pending_messages} messages pending)")
-                log.warning("client %d: %s, disconnecting", client.id, why)
-                self._close(client, why, logged=True)
-        if self.paused and not self.blocking:
-            self._resume()
+        for client in self.backpressure.stalled(now):
+            since = max(client.blocked_at, client.out.progress_at)
+            self.slow_disconnects += 1
+            self._close(client, f"no write progress for {now - since:.1f} s while the relay "
+                        f"is paused ({client.out.messages} messages pending)",
+                        logging.WARNING)
+
+    # -- control frames: addressed to the relay, never forwarded -------------------------
+
+    def _control(self, client: Client, frame: bytes, pos: int) -> None:
+        try:
+            _, tlvs = logic.parse_message(frame)
+        except ProtocolError as exc:
+            self._refuse(client, f"bad control frame: {exc}", pos, True)
+            return
+        kind = tlvs[0][0]
+        if kind == RELAY_SUBSCRIBE:
+            self._subscribe(client, tlvs, pos)
+        elif kind == RELAY_QUERY:
+            self._query(client, tlvs[0][1], pos)
+        elif kind == RELAY_GAP and client.bridge:
+            self._upstream_gap(client, tlvs[0][1], pos)
+        elif kind == RELAY_GAP:
+            self._refuse(client, "RELAY_GAP from a client that is not a bridge", pos, True)
+        else:
+            self._refuse(client, f"{TLV_NAMES.get(kind, kind)} frames are sent by relays, "
+                         "not to them", pos, True)
+
+    def _subscribe(self, client: Client, tlvs: list[tuple[int, bytes]], pos: int) -> None:
+        try:
+            subscription = logic.decode_subscribe(tlvs[0][1])
+            replay = (logic.decode_replay(tlvs[1][1])
+                      if len(tlvs) > 1 and tlvs[1][0] == RELAY_REPLAY else None)
+        except ProtocolError as exc:
+            self._refuse(client, f"bad RELAY_SUBSCRIBE: {exc}", pos, True)
+            return
+        if client.leaving:
+            return  # its write failed: it is never subscribed again
+        client.mode = subscription.mode
+        client.types = subscription.tlv_types
+        client.gap_notices = subscription.gap_notices
+        client.bridge = subscription.bridge
+        self._relist(client)
+        if client.mode == SUBSCRIBE_NONE:
+            self._unhold(client)  # a publish-only client never holds a pause
+        log.debug("%s: subscribed mode %d types %s gap notices %s bridge %s%s",
+                  client.label, client.mode, sorted(client.types), client.gap_notices,
+                  client.bridge, f" replay {replay}" if replay else "")
+
+    def _upstream_gap(self, bridge: Client, value: bytes, pos: int) -> None:
+        """A bridge reports messages lost before they reached this host: every other
+        non-bridge client that receives data and asked for gap notices is told, after
+        the data that bridge sent before it."""
+        try:
+            gap = logic.decode_gap(value)
+        except ProtocolError as exc:
+            self._refuse(bridge, f"bad RELAY_GAP: {exc}", pos, True)
+            return
+        if not gap.dropped:
+            return
+        for client in list(self.clients.values()):
+            if (client is bridge or client.leaving or client.bridge or not client.gap_notices
+                    or client.mode == SUBSCRIBE_NONE):
+                continue
+            try:
+                status = client.out.tell_lost(gap.dropped, self._gap_notice)
+            except OSError as exc:
+                self._write_failed(client, exc)
+                continue
+            if status:
+                self._pushed(client, status)
+        log.debug("%s: upstream loss of %d messages reported", bridge.label, gap.dropped)
+
+    # -- queries: stats and clients, answered to the asking client alone -----------------
+
+    def _query(self, client: Client, value: bytes, pos: int) -> None:
+        try:
+            what = logic.decode_query(value)
+        except ProtocolError as exc:
+            self._refuse(client, f"bad RELAY_QUERY: {exc}", pos, True)
+            return
+        if client.leaving:
+            return
+        report = self.report(what)
+        document = json.dumps(report, separators=(",", ":")).encode()
+        while len(document) > logic.MAX_MESSAGE_SIZE - HEADER_SIZE - 5 * (
+                len(document) // logic.MAX_TLV_VALUE_SIZE + 1) and report.get("clients"):
+            # One frame holds at most 1 MiB: leave out the oldest connections.
+            clients = report["clients"]
+            keep = len(clients) * 3 // 4
+            report["clients_left_out"] = report.get("clients_left_out", 0) + len(clients) - keep
+            report["clients"] = clients[:keep]
+            document = json.dumps(report, separators=(",", ":")).encode()
+        self.notice_sequence += 1
+        frame = logic.report_message(document, source=self.relay_source,
+                                     sequence=self.notice_sequence)
+        self._deliver_own(client, frame, REPLY)
+
+    def report(self, what: int) -> dict[str, Any]:
+        """The JSON-ready answer to a ``RELAY_QUERY``: ``logic.QUERY_STATS`` or
+        ``logic.QUERY_CLIENTS`` (SPEC.md "Operating a running relay")."""
+        if what == logic.QUERY_STATS:
+            return {"relay": self._relay_info(), "counters": asdict(self.stats())}
+        return {"clients": [self._client_info(c) for c in self.clients.values()],
+                "closed": list(self.closed_clients)}
+
+    def _relay_info(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "name": self.logic.name, "domain": self.domain, "socket": self.socket_path,
+            "pid": os.getpid(), "version": __version__, "started_at": self.started_at,
+            "uptime_s": round(now - self.started_at, 3), "overflow": self.overflow,
+            "checksum": self.logic.checksum, "max_message_size": self.max_message_size,
+            "queue_limit": self.queue_limit, "queue_bytes": self.queue_bytes,
+            "max_connections": self.max_connections, "paused": self.backpressure.paused,
+            "socket_mode": f"{self.socket_mode:04o}",
+            "pending_messages": sum(c.out.messages for c in self.clients.values()),
+            "pending_bytes": sum(c.out.bytes for c in self.clients.values()),
+        }
+
+    @staticmethod
+    def _client_info(client: Client) -> dict[str, Any]:
+        out = client.out
+        return {
+            "id": client.id, "pid": client.pid, "uid": client.uid, "gid": client.gid,
+            "process": client.process, "connected_at": client.connected_at,
+            "mode": client.mode, "types": sorted(client.types),
+            "gap_notices": client.gap_notices, "bridge": client.bridge,
+            "messages_in": client.messages_in, "bytes_in": client.bytes_in,
+            "messages_out": out.messages_out, "bytes_out": out.bytes_out,
+            "pending_messages": out.messages, "pending_bytes": out.bytes,
+            "dropped": out.dropped,
+        }
 
     # -- closing and shutdown ------------------------------------------------------------
 
-    def _close(self, client: Client, why: str, vanished: bool = False,
-               logged: bool = False) -> None:
-        """Close one client; others never notice. Pending data is discarded."""
+    def _close(self, client: Client, why: str, level: int = logging.INFO) -> None:
+        """Close one client; others never notice. Pending data is discarded. ``why``
+        is logged once, and kept for the ``clients`` report in the same words."""
         if client.closed:
             return
         client.closed = True
+        client.leaving = True
         try:
             self.selector.unregister(client.sock)
         except (KeyError, ValueError):
             pass
         client.sock.close()
         self.clients.pop(client.fileno, None)
-        self._rebuild_receivers()
-        client.pending.clear()
-        if client in self.blocking:
-            self.blocking.discard(client)
-            if self.paused and not self.blocking:
-                self._resume()
-        level = logging.DEBUG if vanished or logged else logging.INFO
-        log.log(level, "client %d: closed: %s (in %d, out %d, dropped %d messages)",
-                client.id, why, client.messages_in, client.messages_out, client.dropped_total)
+        self._relist(client)
+        out = client.out
+        out.clear()
+        self.departed_messages_out += out.messages_out
+        self.departed_bytes_out += out.bytes_out
+        self._unhold(client)
+        self.closed_clients.appendleft({
+            "id": client.id, "pid": client.pid, "process": client.process,
+            "connected_at": client.connected_at, "closed_at": time.time(), "reason": why,
+            "messages_in": client.messages_in, "messages_out": out.messages_out,
+            "dropped": out.dropped})
+        log.log(level, "%s: %s, closing (in %d, out %d, dropped %d messages)", client.label,
+                why, client.messages_in, out.messages_out, out.dropped)
 
     def _drain(self) -> None:
-        """Stop accepting and reading; write what is pending for up to drain_timeout."""
+        """Stop accepting and reading; write what is pending for up to drain_timeout
+        (or until a second stop signal)."""
         if self.listener is not None:
             try:
                 self.selector.unregister(self.listener)
@@ -1261,38 +1893,38 @@ class Relay:
                 pass
             self.listener.close()
         self.accept_resume_at = 0.0
-        try:
-            self.selector.unregister(self.wake_reader)  # its byte may be unread: no spin
-        except (KeyError, ValueError):
-            pass
-        self.paused = False
-        self.blocking.clear()
+        self.backpressure.end()
         for client in list(self.clients.values()):
             client.reading = False
             self._update_events(client)
-        deadline = time.monotonic() + self.drain_timeout
-        while any(c.pending for c in self.clients.values()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                left = sum(c.pending_messages for c in self.clients.values())
-                log.warning("drain timeout: %d messages still pending were discarded", left)
+        deadline = _monotonic() + self.drain_timeout
+        while any(c.out.pending for c in self.clients.values()):
+            remaining = deadline - _monotonic()
+            if remaining <= 0 or self.hurry:
+                left = sum(c.out.messages for c in self.clients.values())
+                log.warning("drain %s: %d messages still pending were discarded",
+                            "cut short" if self.hurry else "timeout", left)
                 break
-            for key, mask in self.selector.select(remaining):
+            for key, mask in self.selector.select(min(remaining, MAX_WAIT_S)):
                 if key.data is not None and mask & selectors.EVENT_WRITE:
                     self._write_ready(key.data)
+                elif key.fileobj is self.wake_reader:
+                    self._drain_wake()
 
     def _release(self) -> None:
         """Close every connection and the listener; remove the socket if still ours."""
         for client in list(self.clients.values()):
             client.closed = True
             client.sock.close()
+            self.departed_messages_out += client.out.messages_out
+            self.departed_bytes_out += client.out.bytes_out
         self.clients.clear()
-        self.receivers = []
-        self.selective = []
+        self.receivers, self.local_receivers = [], []
+        self.selective, self.local_selective = [], []
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            self._remove_socket_file()
+        self.socket_file.remove()
         for sock in (self.wake_reader, self.wake_writer):
             sock.close()
         if self.spare_fd is not None:
@@ -1300,20 +1932,10 @@ class Relay:
             self.spare_fd = None
         self.selector.close()
 
-    def _remove_socket_file(self) -> None:
-        try:
-            st = os.lstat(self.socket_path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == self.socket_id:
-            os.unlink(self.socket_path)
-        else:
-            log.warning("%s is no longer our socket; leaving it in place", self.socket_path)
-
     # -- stats and warnings --------------------------------------------------------------
 
     def _log_stats(self, final: bool = False) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         snapshot = self.stats()
         then, before = self.last_stats
         elapsed = max(now - then, 1e-9)
@@ -1333,12 +1955,35 @@ class Relay:
 
     def _warn(self, cause: str, message: str, *args: object) -> None:
         """Log a warning at most once a second per cause (no per-message flood)."""
-        now = time.monotonic()
-        if now - self.last_warning.get(cause, 0.0) >= WARNING_INTERVAL_S:
+        self._limited(logging.WARNING, cause, message, *args)
+
+    def _note(self, cause: str, message: str, *args: object) -> None:
+        """Log an INFO line at most once a second per cause."""
+        self._limited(logging.INFO, cause, message, *args)
+
+    def _limited(self, level: int, cause: str, message: str, *args: object) -> None:
+        now = _monotonic()
+        if now - self.last_warning.get(cause, -math.inf) >= WARNING_INTERVAL_S:
             self.last_warning[cause] = now
-            log.warning(message, *args)
+            log.log(level, message, *args)
 
 
+def _id_list(ids: frozenset[int] | None) -> str:
+    return ",".join(map(str, sorted(ids))) if ids else "-"
+
+
+def _notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify``) our state over ``NOTIFY_SOCKET``, if it is set."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc.strerror or exc)
 # ---------------------------------------------------------------------------------------
 # RelayClient: a blocking client for producers and consumers
 # ---------------------------------------------------------------------------------------
@@ -1428,7 +2073,7 @@ class RelayClient:
         buffer, start = self._buffer, self._start
         if len(buffer) - start < HEADER_SIZE:
             return None
-        magic, _, payload_size = _FRAME_START.unpack_from(buffer, start)
+        magic, _, payload_size = FRAME_START.unpack_from(buffer, start)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic 0x{magic:08x} from the relay at buffered "
                                 f"offset {start}; the stream is out of step")
@@ -1678,12 +2323,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
+    # A stop signal before serve_forever installs its handlers (while binding), or
+    # after it restored them (the final stats are logged), must not kill the process:
+    # these stay in place around it, and only note the request.
+    stop_requested: list[int] = []
+
+    def note_stop(signum: int, frame: FrameType | None) -> None:
+        stop_requested.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, note_stop)
     relay = Relay(logic_, socket_path=path, queue_limit=args.queue_limit,
                   queue_bytes=args.queue_bytes, max_connections=args.max_connections,
                   overflow=args.overflow, max_message_size=args.max_message_size,
                   stall_timeout=args.stall_timeout, drain_timeout=args.drain_timeout,
                   socket_mode=args.socket_mode, stats_interval=args.stats_interval,
                   busy_poll=args.busy_poll_us / 1e6)
+    if stop_requested:
+        log.info("%s received while starting: stopping", signal.Signals(stop_requested[0]).name)
+        relay.close()
+        return 0
     relay.serve_forever()
     return 0
 

@@ -244,7 +244,7 @@ def test_log_level_is_case_insensitive_before_or_after_the_command(
                           path=socket_path)
     code, _, err = stop(relay)
     assert code == 0, err
-    assert " DEBUG relay: client 1: connected" in err
+    assert re.search(r" DEBUG relay: client 1 \(pid \d+ [^)]+\): connected", err), err
 
 
 def test_relay_logs_at_info_by_default_and_nothing_per_message(cli: Cli,

@@ -640,7 +640,8 @@ def test_seeded_fuzz_never_harms_the_relay_and_valid_streams_arrive_intact(
     assert stats.messages_filtered == sum(filtered for _, filtered, _ in predictions)
     logged = "\n".join(caplog.messages)
     for client_id, (offset, value) in errors:
-        pattern = rf"client {client_id}: [^\n]*{re.escape(value)}[^\n]* at offset {offset}, closing"
+        pattern = (rf"client {client_id} \(pid \d+ [^)]+\): [^\n]*{re.escape(value)}[^\n]* "
+                   rf"at offset {offset}, closing")
         assert re.search(pattern, logged), f"no log line like {pattern!r}"
 
     # And it still serves.
@@ -729,7 +730,8 @@ def test_header_claiming_4_gib_closes_that_client_at_once_without_growing_memory
     assert rss_after - rss_before < 4 * MiB, (rss_before, rss_after)
     stats = relay.terminate()
     assert stats["protocol_errors"] == 4
-    lines = re.findall(r"client \d+: payload_size 4294967280 [^\n]* at offset 0, closing",
+    lines = re.findall(r"client \d+ \(pid \d+ [^)]+\): payload_size 4294967280 [^\n]* at "
+                       r"offset 0, closing",
                        relay.log())
     assert len(lines) == 4, relay.log()
 
