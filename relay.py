@@ -28,6 +28,7 @@ clients (``RelayClient``, ``AsyncRelayClient``) and the command line.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import errno
 import fcntl
@@ -1108,7 +1109,8 @@ class Client:
         # state
         "reading", "writing", "leaving", "closed", "blocked_at",
         # counters (deliveries are the outbound queue's)
-        "messages_in", "bytes_in", "dropped_unlogged", "last_drop_log",
+        "messages_in", "bytes_in", "filtered", "invalid", "dropped_unlogged",
+        "last_drop_log",
     )
 
     def __init__(self, client_id: int, sock: socket.socket, out: Outbound,
@@ -1143,6 +1145,8 @@ class Client:
         self.blocked_at = 0.0  # when it began to hold a backpressure pause
         self.messages_in = 0
         self.bytes_in = 0
+        self.filtered = 0  # its frames the domain's filter refused
+        self.invalid = 0  # its frames that failed a policy, or bad control frames
         self.dropped_unlogged = 0
         self.last_drop_log = 0.0
 
@@ -1307,9 +1311,13 @@ class Relay:
         self.listener = listener
         self.selector.register(listener, selectors.EVENT_READ, None)
         log.info("%s relay listening on %s (pid %d, socket mode %04o, overflow %s, "
-                 "checksum %s, max message %d B)", self.logic.name, self.socket_path,
+                 "checksum %s, max message %d B%s)", self.logic.name, self.socket_path,
                  os.getpid(), self.socket_mode, self.overflow, self.logic.checksum,
-                 self.max_message_size)
+                 self.max_message_size, f", retain {self.retain}" if self.retain else "")
+        if self.socket_mode & 0o006:
+            log.warning("socket mode %04o lets every local user connect to this relay; "
+                        "narrow it (e.g. --socket-mode 0660 with --allow-gid)",
+                        self.socket_mode)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -1672,11 +1680,13 @@ class Relay:
         """A frame the domain's rules dropped: count it, say so (at most once a second)."""
         if invalid:
             self.messages_invalid += 1
+            client.invalid += 1
             self._warn("invalid", "%s: dropped an invalid frame at offset %d: %s "
                        "(%d invalid frames in total; at most one such line a second)",
                        client.label, client.base + pos, why, self.messages_invalid)
         else:
             self.messages_filtered += 1
+            client.filtered += 1
             if self.scanner.default_filter:  # a custom filter refuses by design
                 self._warn("filtered", "%s: filtered a frame at offset %d: %s (%d filtered "
                            "in total; at most one such line a second)", client.label,
@@ -2055,6 +2065,7 @@ class Relay:
         if client.leaving:
             return
         report = self.report(what)
+        report["you"] = client.id
         document = json.dumps(report, separators=(",", ":")).encode()
         while len(document) > logic.MAX_MESSAGE_SIZE - HEADER_SIZE - 5 * (
                 len(document) // logic.MAX_TLV_VALUE_SIZE + 1) and report.get("clients"):
@@ -2074,7 +2085,8 @@ class Relay:
         ``logic.QUERY_CLIENTS`` (SPEC.md "Operating a running relay")."""
         if what == logic.QUERY_STATS:
             return {"relay": self._relay_info(), "counters": asdict(self.stats())}
-        return {"clients": [self._client_info(c) for c in self.clients.values()],
+        return {"relay": self._relay_info(),
+                "clients": [self._client_info(c) for c in self.clients.values()],
                 "closed": list(self.closed_clients)}
 
     def _relay_info(self) -> dict[str, Any]:
@@ -2103,6 +2115,7 @@ class Relay:
             "mode": client.mode, "types": sorted(client.types),
             "gap_notices": client.gap_notices, "bridge": client.bridge,
             "messages_in": client.messages_in, "bytes_in": client.bytes_in,
+            "filtered": client.filtered, "invalid": client.invalid,
             "messages_out": out.messages_out, "bytes_out": out.bytes_out,
             "pending_messages": out.messages, "pending_bytes": out.bytes,
             "dropped": out.dropped, "replaying": out.replaying(),
@@ -2844,11 +2857,15 @@ class AsyncRelayClient(_ClientBase):
 
 
 # ---------------------------------------------------------------------------------------
-# Command line: run, tail, send
+# Command line: run, tail, send, stats, clients, record, replay
 # ---------------------------------------------------------------------------------------
 
 VENUES = {100: "Binance", 101: "Kraken", 102: "Coinbase", 202: "Polygon"}
 FIXED_POINT = 100_000_000  # 8 decimals
+QUERY_TIMEOUT_S = 5.0  # how long stats / clients / send wait for the relay's answer
+REPLAY_CHUNK_BYTES = 1 << 20  # replay reads a recording this much at a time
+SEND_BATCH_MESSAGES = 1000
+EXIT_INTERRUPTED = 130  # send / replay stopped by Ctrl-C or SIGTERM before the end
 
 
 def _decimal(value: int) -> str:
@@ -2865,6 +2882,13 @@ def _source_name(source: int) -> str:
 
 
 def _domain_name(domain: int) -> str:
+    """The name of a header domain byte: a built-in or registered domain's, or the
+    number."""
+    if domain == Domain.SYSTEM:
+        return "system"
+    for name, factory in logic.LOGICS.items():
+        if getattr(factory, "domain", None) == domain:
+            return name
     try:
         return Domain(domain).name.lower()
     except ValueError:
@@ -2885,6 +2909,10 @@ def _tlv_fields(tlv_type: int, value: bytes) -> dict[str, Any]:
             return dict(logic.decode_gas_price(value)._asdict())
         if tlv_type == RELAY_GAP:
             return dict(logic.decode_gap(value)._asdict())
+        if tlv_type == logic.RELAY_LIVE:
+            return dict(logic.decode_live(value)._asdict())
+        if tlv_type == logic.CLIENT_RECONNECTED:
+            return dict(logic.decode_reconnected(value)._asdict())
     except ProtocolError:
         return {"malformed": True}
     return {}
@@ -2909,9 +2937,18 @@ def format_line(frame: bytes) -> str:
     """One human line for a message (what ``tail`` prints)."""
     d = describe(frame)
     tlvs = d["tlvs"]
-    if d["domain"] == Domain.SYSTEM and tlvs and tlvs[0]["type"] == RELAY_GAP:
-        return (f"{d['time']} GAP: the relay dropped {tlvs[0].get('dropped')} messages for "
-                f"this consumer ({tlvs[0].get('total_dropped')} in total)")
+    if d["domain"] == Domain.SYSTEM and tlvs:
+        first = tlvs[0]
+        if first["type"] == RELAY_GAP:
+            return (f"{d['time']} GAP: {first.get('dropped')} messages lost for this "
+                    f"consumer ({first.get('total_dropped')} in total)")
+        if first["type"] == logic.RELAY_LIVE:
+            return (f"{d['time']} LIVE: the replay held {first.get('replayed')} messages "
+                    f"({first.get('unavailable')} asked for were no longer retained); "
+                    "live traffic follows")
+        if first["type"] == logic.CLIENT_RECONNECTED:
+            return (f"{d['time']} RECONNECTED after {first.get('outage_ns', 0) / 1e9:.3f} s "
+                    f"({first.get('attempts')} attempts): messages sent meanwhile are lost")
     parts = [d["time"], d["domain_name"], f"src={d['source_name']}", f"seq={d['sequence']}",
              f"{d['size']}B"]
     for tlv in tlvs:
@@ -2938,11 +2975,169 @@ def synthetic_messages(logic_: RelayLogic, first_sequence: int, count: int,
     return messages
 
 
+# -- asking a running relay: stats, clients ------------------------------------------
+
+
+def query(path: str, what: int, timeout: float = QUERY_TIMEOUT_S) -> dict[str, Any]:
+    """The relay's answer to a ``RELAY_QUERY`` (``logic.QUERY_STATS`` or
+    ``logic.QUERY_CLIENTS``) as a dict; ``ConnectionError`` / ``TimeoutError`` say why
+    not. The asking connection is publish-only."""
+    with RelayClient(path, publish_only=True, timeout=timeout) as client:
+        client.send(logic.query_message(what))
+        return await_report(client, timeout)
+
+
+def await_report(client: RelayClient, timeout: float = QUERY_TIMEOUT_S) -> dict[str, Any]:
+    """The next ``RELAY_REPORT`` the relay sends ``client`` (other frames are skipped)."""
+    deadline = _monotonic() + timeout
+    while True:
+        try:
+            frame = client.recv(timeout=max(0.0, deadline - _monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"the relay on {client.path} did not answer a query within "
+                               f"{timeout:g} s (a relay older than {__version__}?)") from None
+        header, tlvs = logic.parse_message(frame)
+        if header.relay_domain == Domain.SYSTEM and tlvs and tlvs[0][0] == logic.RELAY_REPORT:
+            return logic.decode_report(tlvs)
+
+
+PROMETHEUS_COUNTERS = {
+    "connections_total": "Clients accepted since the relay started.",
+    "connections_rejected": "Connections refused (limit, credentials, descriptors).",
+    "messages_in": "Frames read from clients, control frames included.",
+    "bytes_in": "Bytes read from clients.",
+    "messages_out": "Deliveries: one message written to one client.",
+    "bytes_out": "Bytes written to clients.",
+    "messages_filtered": "Frames refused by the domain's filter.",
+    "messages_invalid": "Frames that failed the checksum or TLV policy, bad control frames.",
+    "protocol_errors": "Framing errors; each closed its client.",
+    "messages_dropped": "Messages dropped for slow consumers (drop_oldest).",
+    "slow_disconnects": "Clients closed as slow consumers (disconnect, stall timeout).",
+    "backpressure_pauses": "Times backpressure paused reading.",
+}
+PROMETHEUS_GAUGES = {
+    "connections_active": ("counters", "Clients connected now."),
+    "paused": ("relay", "1 while backpressure has paused reading."),
+    "uptime_seconds": ("relay", "Seconds since the relay started."),
+    "start_time_seconds": ("relay", "When the relay started, Unix seconds."),
+    "pending_messages": ("relay", "Messages waiting in the relay for all clients."),
+    "pending_bytes": ("relay", "Bytes waiting in the relay for all clients."),
+    "retained_messages": ("relay", "Messages kept for replays (--retain)."),
+    "retained_bytes": ("relay", "Bytes kept for replays (--retain-bytes bounds it)."),
+}
+_GAUGE_SOURCE = {"uptime_seconds": "uptime_s", "start_time_seconds": "started_at"}
+
+
+def prometheus_text(report: dict[str, Any]) -> str:
+    """A stats report in the Prometheus text exposition format (version 0.0.4)."""
+    relay_info, counters = report["relay"], report["counters"]
+    def value(text: object) -> str:  # a label value, escaped as the format wants
+        return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    label = f'{{domain="{value(relay_info["name"])}"}}'
+    lines = ["# HELP torq_relay_info The relay's version and policies (always 1).",
+             "# TYPE torq_relay_info gauge",
+             f'torq_relay_info{{domain="{value(relay_info["name"])}",'
+             f'version="{value(relay_info["version"])}",'
+             f'overflow="{value(relay_info["overflow"])}",'
+             f'checksum="{value(relay_info["checksum"])}"}} 1']
+    for name, text in PROMETHEUS_COUNTERS.items():
+        metric = f"torq_relay_{name.removesuffix('_total')}_total"
+        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} counter",
+                  f"{metric}{label} {counters[name]}"]
+    for name, (section, text) in PROMETHEUS_GAUGES.items():
+        metric = f"torq_relay_{name}"
+        source = report[section].get(_GAUGE_SOURCE.get(name, name), 0)
+        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} gauge",
+                  f"{metric}{label} {float(source):g}"]
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+
+
+def stats_text(report: dict[str, Any], before: dict[str, Any] | None = None,
+               elapsed: float = 0.0) -> str:
+    """A stats report as ``redis-cli info``-style text; with ``before``, rates too."""
+    relay_info, counters = report["relay"], report["counters"]
+    lines = ["# relay"]
+    for key in ("name", "domain", "socket", "pid", "version", "overflow", "checksum",
+                "max_message_size", "queue_limit", "queue_bytes", "max_connections",
+                "socket_mode", "retain", "paused"):
+        lines.append(f"{key:<20} {relay_info.get(key)}")
+    lines.append(f"{'uptime':<20} {_duration(relay_info['uptime_s'])}")
+    lines.append(f"{'pending':<20} {relay_info['pending_messages']} messages, "
+                 f"{relay_info['pending_bytes']} bytes")
+    if relay_info.get("retain"):
+        lines.append(f"{'retained':<20} {relay_info['retained_messages']} messages, "
+                     f"{relay_info['retained_bytes']} bytes")
+    lines.append("# counters" + (" " * 22 + "per second" if before else ""))
+    for key, value in counters.items():
+        line = f"{key:<20} {value:>12}"
+        if before and elapsed > 0 and key != "connections_active":
+            line += f"  {(value - before['counters'][key]) / elapsed:>12,.0f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _age(since: float, now: float) -> str:
+    return _duration(max(0.0, now - since))
+
+
+def clients_text(report: dict[str, Any]) -> str:
+    """A clients report as two tables: connected clients, then recently closed ones."""
+    now = time.time()
+    rows: list[tuple[str, ...]] = [
+        ("ID", "PID", "PROCESS", "UID", "MODE", "TYPES", "GAPS", "BRIDGE", "IN", "OUT",
+         "PENDING", "DROPPED", "REFUSED", "CONNECTED")]
+    for c in report["clients"]:
+        rows.append((str(c["id"]), str(c["pid"] or "-"), c["process"] or "-",
+                     str(c["uid"] if c["uid"] is not None else "-"),
+                     ("all", "types", "none")[c["mode"]],
+                     ",".join(map(str, c["types"])) or "-", "yes" if c["gap_notices"] else "no",
+                     "yes" if c["bridge"] else "no", str(c["messages_in"]),
+                     str(c["messages_out"]), f"{c['pending_messages']}/{c['pending_bytes']}B",
+                     str(c["dropped"]), str(c.get("filtered", 0) + c.get("invalid", 0)),
+                     _age(c["connected_at"], now)))
+    lines = [f"{len(report['clients'])} clients connected"
+             + (f" ({report['clients_left_out']} more left out)"
+                if report.get("clients_left_out") else "")]
+    lines += _table(rows)
+    closed = report.get("closed", [])
+    if closed:
+        lines += ["", f"{len(closed)} recently closed, newest first"]
+        rows = [("ID", "PID", "PROCESS", "CLOSED", "IN", "OUT", "DROPPED", "REASON")]
+        for c in closed:
+            rows.append((str(c["id"]), str(c["pid"] or "-"), c["process"] or "-",
+                         f"{_age(c['closed_at'], now)} ago", str(c["messages_in"]),
+                         str(c["messages_out"]), str(c["dropped"]), c["reason"]))
+        lines += _table(rows)
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            .rstrip() for row in rows]
+
+
+# -- option types --------------------------------------------------------------------
+
+
 def _octal(text: str) -> int:
     try:
-        return int(text, 8)
+        mode = int(text, 8)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (e.g. 0600)") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text} is not a permission mode (0000..0777; "
+                                         "the socket takes no setuid, setgid or sticky bit)")
+    return mode
 
 
 def _domain(text: str) -> RelayLogic:
@@ -2960,71 +3155,175 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _message_size(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if not HEADER_SIZE <= value <= logic.MAX_MESSAGE_SIZE:
         raise argparse.ArgumentTypeError(
             f"must be {HEADER_SIZE}..{logic.MAX_MESSAGE_SIZE} bytes, got {value}")
     return value
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+def _seconds(text: str) -> float:
+    """A duration: 0 or more seconds; ``inf`` means never."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds (inf: never), got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _seconds(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError("must be a finite number of messages per second "
+                                         "(0: as fast as possible)")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+def _count(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
+    return value
+
+
+def _ids(kind: str) -> Callable[[str], frozenset[int]]:
+    """``--allow-uid`` / ``--allow-gid`` values: numbers or names, comma-separated."""
+    import grp
+    import pwd
+
+    def parse(text: str) -> frozenset[int]:
+        ids = set()
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            if item.isdigit():
+                ids.add(int(item))
+                continue
+            try:
+                ids.add(pwd.getpwnam(item).pw_uid if kind == "uid" else grp.getgrnam(item).gr_gid)
+            except KeyError:
+                raise argparse.ArgumentTypeError(
+                    f"no {'user' if kind == 'uid' else 'group'} named {item!r}") from None
+        if not ids:
+            raise argparse.ArgumentTypeError(f"give at least one {kind}")
+        return frozenset(ids)
+
+    return parse
+
+
+_TLV_TYPES_BY_NAME = {name.lower(): number for number, name in TLV_NAMES.items()}
+
+
+def _tlv_type(text: str) -> int:
+    """A TLV type by number (0..254) or by name (``Trade``, case-insensitive)."""
+    number = _TLV_TYPES_BY_NAME.get(text.lower())
+    if number is None:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"unknown TLV type {text!r}; use a number 0..254 or one of "
+                f"{', '.join(f'{n} ({t})' for t, n in sorted(TLV_NAMES.items()))}") from None
+    if not 0 <= number < logic.EXTENDED_TLV:
+        raise argparse.ArgumentTypeError(f"TLV types are 0..254, got {number}")
+    return number
+
+
+# -- the parser ----------------------------------------------------------------------
+
+CONNECTION_OPTIONS = ("--domain", "--socket", "--log-level", "--log-format")
+
+
+def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """The options every command takes, before or after it. In sub-command parsers
     they default to SUPPRESS so they never overwrite what came before the command."""
     def d(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
-    parser.add_argument("--domain", type=_domain, default=d(_domain("market_data")),
-                        metavar="NAME", help="domain to serve: "
-                        f"{', '.join(sorted(logic.LOGICS))} (default: market_data)")
-    parser.add_argument("--socket", default=d(None), metavar="PATH",
-                        help="Unix socket path (default: the domain's, e.g. "
-                        "/tmp/torq/market_data.sock)")
-    parser.add_argument("--queue-limit", type=_positive_int, default=d(QUEUE_LIMIT),
-                        metavar="N", help=f"messages pending per client before the overflow "
-                        f"policy applies (default: {QUEUE_LIMIT})")
-    parser.add_argument("--queue-bytes", type=_positive_int, default=d(QUEUE_BYTES),
-                        metavar="N", help=f"bytes pending per client before the overflow "
-                        f"policy applies (default: {QUEUE_BYTES} = 64 MiB)")
-    parser.add_argument("--max-connections", type=_positive_int, default=d(MAX_CONNECTIONS),
-                        metavar="N", help="clients served at once; more are accepted and "
-                        f"closed at once (default: {MAX_CONNECTIONS})")
-    parser.add_argument("--overflow", choices=OVERFLOW_POLICIES, default=d(None),
-                        help="slow-consumer policy (default: the domain's)")
-    parser.add_argument("--max-message-size", type=_message_size, default=d(None),
-                        metavar="N", help="largest frame in bytes, header included "
-                        "(default: the domain's)")
-    parser.add_argument("--stall-timeout", type=_non_negative, default=d(STALL_TIMEOUT_S),
-                        metavar="S", help="backpressure: disconnect a client with no write "
-                        f"progress for S seconds while paused (default: {STALL_TIMEOUT_S})")
-    parser.add_argument("--drain-timeout", type=_non_negative, default=d(DRAIN_TIMEOUT_S),
-                        metavar="S", help="on shutdown, flush pending data for up to S "
-                        f"seconds (default: {DRAIN_TIMEOUT_S})")
-    parser.add_argument("--socket-mode", type=_octal, default=d(SOCKET_MODE), metavar="MODE",
-                        help="socket file permissions, octal (default: 0600)")
-    parser.add_argument("--stats-interval", type=_non_negative, default=d(STATS_INTERVAL_S),
-                        metavar="S", help="log a stats line every S seconds, 0 = never "
-                        f"(default: {STATS_INTERVAL_S:g}); SIGUSR1 logs one at once")
-    parser.add_argument("--busy-poll-us", type=_non_negative, default=d(BUSY_POLL_S * 1e6),
-                        metavar="US", help="after traffic, poll without sleeping for US "
-                        "microseconds: lower latency for a little CPU, 0 = always sleep "
-                        f"(default: {BUSY_POLL_S * 1e6:g})")
-    parser.add_argument("--log-level", type=_log_level, default=d("INFO"), metavar="L",
-                        help="debug, info, warning, error or critical (default: info)")
+    group = parser.add_argument_group("connection") if not defaults else parser
+    group.add_argument("--domain", type=_domain, default=d(_domain("market_data")),
+                       metavar="NAME", help="the domain: "
+                       f"{', '.join(sorted(logic.LOGICS))} (default: market_data)")
+    group.add_argument("--socket", default=d(None), metavar="PATH",
+                       help="Unix socket path (default: the domain's, e.g. "
+                       "/tmp/torq/market_data.sock)")
+    group.add_argument("--log-level", type=_log_level, default=d("INFO"), metavar="L",
+                       help="debug, info, warning, error or critical (default: info)")
+    group.add_argument("--log-format", choices=("text", "json"), default=d("text"),
+                       help="text lines, or one JSON object per line for log shippers "
+                       "(default: text)")
+
+
+def _add_relay_options(parser: argparse.ArgumentParser, defaults: bool,
+                       hidden: bool = False) -> None:
+    """What only ``run`` uses. Client commands accept them too (SPEC: options go before
+    or after the command) but leave them out of their --help."""
+    def d(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    def h(text: str) -> str:
+        return argparse.SUPPRESS if hidden else text
+
+    add = parser.add_argument
+    add("--queue-limit", type=_positive_int, default=d(QUEUE_LIMIT), metavar="N",
+        help=h(f"messages pending per client before the overflow policy applies "
+               f"(default: {QUEUE_LIMIT})"))
+    add("--queue-bytes", type=_positive_int, default=d(QUEUE_BYTES), metavar="N",
+        help=h(f"bytes pending per client before the overflow policy applies "
+               f"(default: {QUEUE_BYTES} = 64 MiB)"))
+    add("--max-connections", type=_positive_int, default=d(MAX_CONNECTIONS), metavar="N",
+        help=h(f"clients served at once; more are accepted and closed at once "
+               f"(default: {MAX_CONNECTIONS})"))
+    add("--overflow", choices=OVERFLOW_POLICIES, default=d(None),
+        help=h("slow-consumer policy (default: the domain's)"))
+    add("--max-message-size", type=_message_size, default=d(None), metavar="N",
+        help=h("largest frame in bytes, header included (default: the domain's)"))
+    add("--stall-timeout", type=_seconds, default=d(STALL_TIMEOUT_S), metavar="S",
+        help=h("backpressure: disconnect a client with no write progress for S seconds "
+               f"while paused; inf = never (default: {STALL_TIMEOUT_S})"))
+    add("--drain-timeout", type=_seconds, default=d(DRAIN_TIMEOUT_S), metavar="S",
+        help=h("on shutdown, flush pending data for up to S seconds; inf = until done or a "
+               f"second stop signal (default: {DRAIN_TIMEOUT_S})"))
+    add("--socket-mode", type=_octal, default=d(SOCKET_MODE), metavar="MODE",
+        help=h("socket file permissions, octal (default: 0600)"))
+    add("--allow-uid", type=_ids("uid"), default=d(None), metavar="UID[,UID...]",
+        help=h("admit only peers with one of these user ids or names (SO_PEERCRED), "
+               "besides the file mode (default: no check)"))
+    add("--allow-gid", type=_ids("gid"), default=d(None), metavar="GID[,GID...]",
+        help=h("admit only peers with one of these group ids or names (default: no check)"))
+    add("--retain", type=_count, default=d(0), metavar="N",
+        help=h("keep the last N messages for late joiners' replays (default: 0 = off)"))
+    add("--retain-bytes", type=_positive_int, default=d(RETAIN_BYTES), metavar="B",
+        help=h(f"and at most B bytes of them (default: {RETAIN_BYTES} = 64 MiB)"))
+    add("--stats-interval", type=_seconds, default=d(STATS_INTERVAL_S), metavar="S",
+        help=h(f"log a stats line every S seconds, 0 = never (default: "
+               f"{STATS_INTERVAL_S:g}); SIGUSR1 logs one at once"))
+    add("--busy-poll-us", type=_seconds, default=d(BUSY_POLL_S * 1e6), metavar="US",
+        help=h("after traffic, poll without sleeping for US microseconds: lower latency "
+               f"for a little CPU, 0 = always sleep (default: {BUSY_POLL_S * 1e6:g})"))
+
+
+RELAY_OPTION_DESTS = ("queue_limit", "queue_bytes", "max_connections", "overflow",
+                      "max_message_size", "stall_timeout", "drain_timeout", "socket_mode",
+                      "allow_uid", "allow_gid", "retain", "retain_bytes", "stats_interval",
+                      "busy_poll_us")
+
+COMMANDS = "{run,tail,send,stats,clients,record,replay}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3034,28 +3333,119 @@ def build_parser() -> argparse.ArgumentParser:
         "clients of one Unix socket. Exit codes: 0 clean stop, 1 runtime error, 2 usage.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python relay.py --domain market_data\n"
-        "  python relay.py --domain market_data tail --count 10\n"
-        "  python relay.py --domain market_data send --count 1000 --rate 100")
-    _add_global_options(parser, defaults=True)
-    commands = parser.add_subparsers(dest="command", metavar="{run,tail,send}")
-    run = commands.add_parser("run", help="serve the domain (the default command)")
-    _add_global_options(run, defaults=False)
-    tail = commands.add_parser("tail", help="print each message, decoded, one per line")
-    _add_global_options(tail, defaults=False)
-    tail.add_argument("--count", type=int, default=0, metavar="N",
-                      help="stop after N messages (default: 0 = until the relay stops)")
+        "  python relay.py --domain market_data --retain 100000\n"
+        "  python relay.py --domain market_data tail --count 10 --type Trade\n"
+        "  python relay.py --domain market_data send --count 1000 --rate 100\n"
+        "  python relay.py --domain market_data stats --watch 1\n"
+        "  python relay.py --domain market_data clients\n"
+        "  python relay.py --domain market_data record session.torq --duration 60\n"
+        "  python relay.py --domain market_data replay session.torq --speed 10")
+    parser.add_argument("--version", action="version",
+                        version=f"relay.py (torq-relay) {__version__}")
+    _add_connection_options(parser, defaults=True)
+    _add_relay_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", metavar=COMMANDS)
+
+    def command(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=description)
+        return sub
+
+    run = command("run", "serve the domain (the default command)",
+                  "Serve the domain on its socket until SIGINT or SIGTERM.")
+    _add_connection_options(run, defaults=False)
+    _add_relay_options(run, defaults=False)
+
+    tail = command("tail", "print each message, decoded, one per line",
+                   "Print each message the relay forwards, decoded, one line each (gap "
+                   "notices included), until --count or the relay stops.")
+    tail.add_argument("--count", type=_count, default=0, metavar="N",
+                      help="stop after N lines (default: 0 = until the relay stops)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--type", type=int, action="append", dest="types", metavar="T",
-                      help="only messages whose first TLV type is T (repeatable)")
-    send = commands.add_parser("send", help="publish synthetic messages of the domain")
-    _add_global_options(send, defaults=False)
-    send.add_argument("--count", type=int, default=10, metavar="N",
+    tail.add_argument("--type", type=_tlv_type, action="append", dest="types", metavar="T",
+                      help="only messages whose first TLV type is T, a number or a name: "
+                      + ", ".join(f"{name} ({number})" for number, name
+                                  in sorted(TLV_NAMES.items()) if number < 100)
+                      + " (repeatable; default: all)")
+    tail.add_argument("--last", type=_count, default=None, metavar="N",
+                      help="first the last N messages the relay retained (it runs with "
+                      "--retain), then live traffic (default: live only)")
+    tail.add_argument("--reconnect", action="store_true",
+                      help="survive relay restarts: reconnect, say so, carry on")
+    _add_connection_options(tail, defaults=False)
+    _add_relay_options(tail, defaults=False, hidden=True)
+
+    send = command("send", "publish synthetic messages of the domain",
+                   "Publish valid synthetic messages of the domain (Trades, SignalIdentity "
+                   "or OrderRequest), numbered 1, 2, 3, ..., then ask the relay whether it "
+                   "refused any.")
+    send.add_argument("--count", type=_positive_int, default=10, metavar="N",
                       help="messages to send (default: 10)")
-    send.add_argument("--rate", type=float, default=0.0, metavar="R",
+    send.add_argument("--rate", type=_rate, default=0.0, metavar="R",
                       help="messages per second (default: 0 = as fast as possible)")
-    send.add_argument("--source", type=int, default=1, metavar="ID",
-                      help="source id in the header (default: 1, Binance)")
+    send.add_argument("--source", type=_source_id, default=1, metavar="ID",
+                      help="source id in the header, 0..255 (default: 1, Binance)")
+    _add_connection_options(send, defaults=False)
+    _add_relay_options(send, defaults=False, hidden=True)
+
+    stats = command("stats", "show a running relay's counters",
+                    "Ask the running relay for its stats (a RELAY_QUERY over its socket).")
+    output = stats.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="the JSON object")
+    output.add_argument("--prometheus", action="store_true",
+                        help="the Prometheus text exposition format (torq_relay_* metrics)")
+    stats.add_argument("--watch", type=_seconds, default=0.0, metavar="S",
+                       help="ask again every S seconds, with rates (default: 0 = once)")
+    _add_connection_options(stats, defaults=False)
+    _add_relay_options(stats, defaults=False, hidden=True)
+
+    clients = command("clients", "list a running relay's clients",
+                      "List the running relay's clients, each named by its process, and "
+                      "the last 64 that left with the reason.")
+    clients.add_argument("--json", action="store_true", help="the JSON object")
+    _add_connection_options(clients, defaults=False)
+    _add_relay_options(clients, defaults=False, hidden=True)
+
+    record = command("record", "write the traffic to a file",
+                     "Write every frame the relay forwards to FILE as received (gap "
+                     "notices included, so a recording shows its own holes).")
+    record.add_argument("file", metavar="FILE", help="where to write; - for stdout")
+    record.add_argument("--count", type=_count, default=0, metavar="N",
+                        help="stop after N frames (default: 0 = no limit)")
+    record.add_argument("--duration", type=_seconds, default=0.0, metavar="S",
+                        help="stop after S seconds (default: 0 = no limit)")
+    record.add_argument("--max-bytes", type=_count, default=0, metavar="B",
+                        help="stop before the file would pass B bytes (default: 0 = no limit)")
+    record.add_argument("--type", type=_tlv_type, action="append", dest="types", metavar="T",
+                        help="only messages whose first TLV type is T, a number or a name "
+                        "as for tail (repeatable; default: all)")
+    record.add_argument("--last", type=_count, default=None, metavar="N",
+                        help="begin with the last N messages the relay retained "
+                        "(default: live only)")
+    _add_connection_options(record, defaults=False)
+    _add_relay_options(record, defaults=False, hidden=True)
+
+    replay = command("replay", "publish a recording again",
+                     "Publish the data frames of a recording again, byte for byte, paced "
+                     "by their header timestamps; the relay's own frames are skipped.")
+    replay.add_argument("file", metavar="FILE", help="a recording; - for stdin")
+    replay.add_argument("--speed", type=_rate, default=1.0, metavar="X",
+                        help="1 = the original pace, 10 = ten times faster, 0 = as fast as "
+                        "possible (default: 1)")
+    replay.add_argument("--rate", type=_rate, default=0.0, metavar="R",
+                        help="a fixed R messages per second instead (default: 0 = by --speed)")
+    _add_connection_options(replay, defaults=False)
+    _add_relay_options(replay, defaults=False, hidden=True)
     return parser
+
+
+def _source_id(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"source ids are 0..255, got {value}")
+    return value
+
+
+# -- run -----------------------------------------------------------------------------
 
 
 def _run(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
@@ -3074,13 +3464,18 @@ def _run(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
                   overflow=args.overflow, max_message_size=args.max_message_size,
                   stall_timeout=args.stall_timeout, drain_timeout=args.drain_timeout,
                   socket_mode=args.socket_mode, stats_interval=args.stats_interval,
-                  busy_poll=args.busy_poll_us / 1e6)
+                  busy_poll=args.busy_poll_us / 1e6, allow_uids=args.allow_uid,
+                  allow_gids=args.allow_gid, retain=args.retain,
+                  retain_bytes=args.retain_bytes)
     if stop_requested:
         log.info("%s received while starting: stopping", signal.Signals(stop_requested[0]).name)
         relay.close()
         return 0
     relay.serve_forever()
     return 0
+
+
+# -- tail and record -----------------------------------------------------------------
 
 
 def _fallback_line(frame: bytes, error: ProtocolError, as_json: bool) -> str:
@@ -3095,18 +3490,25 @@ def _fallback_line(frame: bytes, error: ProtocolError, as_json: bool) -> str:
 
 
 def _stop_on_sigterm() -> None:
-    """tail and send stop on SIGTERM as on Ctrl-C: exit 0."""
+    """Client commands stop on SIGTERM as on Ctrl-C."""
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
 
 
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (tail | head): keep the interpreter's final flush
+    from failing again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _tail(args: argparse.Namespace, path: str) -> int:
     shown = 0
     _stop_on_sigterm()
-    with RelayClient(path, subscribe=args.types, gap_notices=True) as client:
-        for frame in client:
+    with RelayClient(path, subscribe=args.types, gap_notices=True, replay_last=args.last,
+                     reconnect=args.reconnect) as client:
+        for frame in client:  # read in batches (recv_many)
             try:
                 line = json.dumps(describe(frame)) if args.json else format_line(frame)
             except ProtocolError as exc:
@@ -3114,9 +3516,7 @@ def _tail(args: argparse.Namespace, path: str) -> int:
             try:
                 print(line, flush=True)
             except BrokenPipeError:
-                # The reader went away (tail | head): stop quietly, and keep the
-                # interpreter's final flush from failing again.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                _quiet_stdout()
                 return 0
             shown += 1
             if args.count and shown >= args.count:
@@ -3124,49 +3524,315 @@ def _tail(args: argparse.Namespace, path: str) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace, path: str) -> int:
+    try:
+        out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
+    except OSError as exc:
+        raise RelayError(f"cannot write {args.file}: {exc.strerror or exc}") from None
+    _stop_on_sigterm()
+    frames = written = 0
+    started = _monotonic()
+    why = "the relay stopped"
+    try:
+        with RelayClient(path, subscribe=args.types, gap_notices=True,
+                         replay_last=args.last) as client:
+            while True:
+                timeout = None
+                if args.duration:
+                    timeout = args.duration - (_monotonic() - started)
+                    if timeout <= 0:
+                        why = f"--duration {args.duration:g} s"
+                        break
+                try:
+                    batch = client.recv_batch(args.count - frames if args.count else None,
+                                              timeout)
+                except TimeoutError:
+                    continue
+                except EOFError:
+                    break
+                offsets = batch.offsets
+                cut = len(offsets) - 1
+                if args.max_bytes and written + offsets[cut] - offsets[0] > args.max_bytes:
+                    # The last whole frame that still fits.
+                    cut = bisect.bisect_right(offsets, offsets[0] + args.max_bytes - written) - 1
+                out.write(batch.data[offsets[0]:offsets[cut]])
+                frames += cut
+                written += offsets[cut] - offsets[0]
+                if cut < len(offsets) - 1:
+                    why = f"--max-bytes {args.max_bytes}"
+                    break
+                if args.count and frames >= args.count:
+                    why = f"--count {args.count}"
+                    break
+    except KeyboardInterrupt:
+        why = "interrupted"
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except OSError as exc:
+        if isinstance(exc, ConnectionError):
+            raise
+        raise RelayError(f"cannot write {args.file}: {exc.strerror or exc}") from None
+    finally:
+        try:
+            out.flush()
+        except OSError:
+            pass
+        if out is not sys.stdout.buffer:
+            out.close()
+    print(f"recorded {frames} frames ({written} bytes) to {args.file} in "
+          f"{_monotonic() - started:.1f} s; stopped: {why}", file=sys.stderr)
+    return 0
+
+
+# -- send and replay -----------------------------------------------------------------
+
+
+def _check_refused(client: RelayClient, sent: int, logic_: RelayLogic, path: str) -> int:
+    """Ask the relay, after the data on the same connection, how many of this client's
+    frames it refused; say so and return 1 if any were (0 otherwise)."""
+    try:
+        client.send(logic.query_message(logic.QUERY_CLIENTS))
+        report = await_report(client)
+    except (TimeoutError, OSError, EOFError, ProtocolError) as exc:
+        print(f"relay.py: warning: could not confirm delivery: {exc}", file=sys.stderr)
+        return 0
+    me = next((c for c in report["clients"] if c["id"] == report.get("you")), None)
+    if me is None:
+        return 0
+    filtered, invalid = me.get("filtered", 0), me.get("invalid", 0)
+    if not filtered and not invalid:
+        return 0
+    relay_info = report.get("relay", {})
+    why = []
+    if filtered:
+        why.append(f"{filtered} filtered: it serves {relay_info.get('name')} (domain "
+                   f"{relay_info.get('domain')}), these were {logic_.name} (domain "
+                   f"{logic_.domain}); pass the relay's --domain")
+    if invalid:
+        why.append(f"{invalid} invalid (its checksum {relay_info.get('checksum')!r} or TLV "
+                   "policy refused them)")
+    print(f"relay.py: error: the relay on {path} refused {filtered + invalid} of {sent} "
+          f"messages: {'; '.join(why)}", file=sys.stderr)
+    return 1
+
+
 def _send(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
-    batch = 1000 if args.rate <= 0 else max(1, min(1000, int(args.rate // 100)))
-    started = time.monotonic()
+    batch = SEND_BATCH_MESSAGES if args.rate <= 0 else max(
+        1, min(SEND_BATCH_MESSAGES, int(args.rate // 100)))
+    started = _monotonic()
     sent = 0
     _stop_on_sigterm()
-    with RelayClient(path, publish_only=True) as client:
-        while sent < args.count:
-            n = min(batch, args.count - sent)
-            client.send_many(synthetic_messages(logic_, sent + 1, n, args.source))
-            sent += n
-            if args.rate > 0:
-                delay = started + sent / args.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-    elapsed = max(time.monotonic() - started, 1e-9)
-    print(f"sent {sent} {logic_.name} messages to {path} in {elapsed:.3f} s "
-          f"({sent / elapsed:,.0f} msg/s)")
+    with RelayClient(path, publish_only=True, timeout=QUERY_TIMEOUT_S * 2) as client:
+        try:
+            while sent < args.count:
+                n = min(batch, args.count - sent)
+                client.send_many(synthetic_messages(logic_, sent + 1, n, args.source))
+                sent += n
+                if args.rate > 0:
+                    delay = started + sent / args.rate - _monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+        except KeyboardInterrupt:
+            print(f"interrupted: sent {sent} of {args.count} {logic_.name} messages to "
+                  f"{path}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        elapsed = max(_monotonic() - started, 1e-9)
+        print(f"sent {sent} {logic_.name} messages to {path} in {elapsed:.3f} s "
+              f"({sent / elapsed:,.0f} msg/s)")
+        return _check_refused(client, sent, logic_, path)
+
+
+def _frames_of(source: Any, name: str) -> Iterator[tuple[int, bytes]]:
+    """``(offset, frame)`` for each frame of a recording read from ``source``;
+    ``RelayError`` naming the offset at the first that is not a whole valid frame."""
+    buffer = b""
+    offset = 0  # of buffer[0] in the file
+    while True:
+        chunk = source.read(REPLAY_CHUNK_BYTES)
+        buffer = buffer + chunk if buffer else chunk
+        pos = 0
+        while len(buffer) - pos >= HEADER_SIZE:
+            magic, domain_version, payload_size = FRAME_START.unpack_from(buffer, pos)
+            if magic != MAGIC or domain_version >> 8 != VERSION:
+                what = (f"bad magic 0x{magic:08x}" if magic != MAGIC
+                        else f"unknown version {domain_version >> 8}")
+                raise RelayError(f"{name} is not a recording of whole frames: {what} at "
+                                 f"offset {offset + pos}")
+            size = HEADER_SIZE + payload_size
+            if size > logic.MAX_MESSAGE_SIZE:
+                raise RelayError(f"{name}: a {size}-byte frame at offset {offset + pos} is "
+                                 f"over {logic.MAX_MESSAGE_SIZE} bytes: not a recording")
+            if len(buffer) - pos < size:
+                break
+            yield offset + pos, buffer[pos:pos + size]
+            pos += size
+        buffer = buffer[pos:]
+        offset += pos
+        if not chunk:
+            if buffer:
+                raise RelayError(f"{name} ends in the middle of a frame at offset {offset} "
+                                 f"({len(buffer)} bytes of it): truncated")
+            return
+
+
+def _replay_file(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
+    try:
+        source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as exc:
+        raise RelayError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    _stop_on_sigterm()
+    sent = skipped = 0
+    started = _monotonic()
+    first_ts = 0
+    pending: list[bytes] = []
+    with source, RelayClient(path, publish_only=True, timeout=QUERY_TIMEOUT_S * 2) as client:
+        try:
+            try:
+                for _, frame in _frames_of(source, args.file):
+                    if frame[4] == Domain.SYSTEM:
+                        skipped += 1  # the relay's own frames: gap notices, markers
+                        continue
+                    if args.rate > 0:
+                        due = started + sent / args.rate
+                    elif args.speed > 0:
+                        timestamp = HEADER.unpack_from(frame)[6]
+                        if not first_ts:
+                            first_ts = timestamp
+                        due = started + max(0, timestamp - first_ts) / 1e9 / args.speed
+                    else:
+                        due = 0.0
+                    delay = due - _monotonic()
+                    if delay > 0 or len(pending) >= SEND_BATCH_MESSAGES:
+                        if pending:
+                            client.send_many(pending)
+                            pending.clear()
+                        if delay > 0:
+                            time.sleep(delay)
+                    pending.append(frame)
+                    sent += 1
+            finally:
+                if pending:
+                    client.send_many(pending)  # whatever whole frames came before an error
+        except KeyboardInterrupt:
+            print(f"interrupted: replayed {sent} messages of {args.file} to {path}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except RelayError as exc:
+            raise RelayError(f"{exc}; the {sent} messages before it were sent") from None
+        elapsed = max(_monotonic() - started, 1e-9)
+        print(f"replayed {sent} messages of {args.file} to {path} in {elapsed:.3f} s "
+              f"({skipped} of the relay's own frames skipped)")
+        return _check_refused(client, sent, logic_, path)
+
+
+# -- stats and clients ---------------------------------------------------------------
+
+
+def _stats(args: argparse.Namespace, path: str) -> int:
+    _stop_on_sigterm()
+    try:
+        before: dict[str, Any] | None = None
+        taken = 0.0
+        while True:
+            report = query(path, logic.QUERY_STATS)
+            now = _monotonic()
+            if args.json:
+                print(json.dumps(report), flush=True)
+            elif args.prometheus:
+                print(prometheus_text(report), end="", flush=True)
+            else:
+                if before is not None:
+                    print(flush=True)
+                print(stats_text(report, before, now - taken), flush=True)
+            if not args.watch:
+                return 0
+            before, taken = report, now
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+
+
+def _clients(args: argparse.Namespace, path: str) -> int:
+    report = query(path, logic.QUERY_CLIENTS)
+    print(json.dumps(report) if args.json else clients_text(report))
     return 0
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message, pid."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+                    + f".{int(record.msecs):03d}", "level": record.levelname,
+                    "logger": record.name, "message": record.getMessage(),
+                    "pid": record.process}
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Log to stderr at ``level``, as text lines or JSON objects."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (0 ok, 1 runtime error, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     logic_: RelayLogic = args.domain
     path = args.socket or logic_.socket_path
     command = args.command or "run"
+    if command != "run":
+        given = [f"--{d.replace('_', '-')}" for d in RELAY_OPTION_DESTS
+                 if getattr(args, d, None) != parser.get_default(d)]
+        if given:
+            print(f"relay.py: note: {', '.join(given)} only matter to run; {command} "
+                  "ignores them", file=sys.stderr)
     try:
         if command == "tail":
             return _tail(args, path)
         if command == "send":
             return _send(args, logic_, path)
+        if command == "stats":
+            return _stats(args, path)
+        if command == "clients":
+            return _clients(args, path)
+        if command == "record":
+            return _record(args, path)
+        if command == "replay":
+            return _replay_file(args, logic_, path)
         return _run(args, logic_, path)
-    except (RelayError, ConnectionError, ValueError) as exc:
+    except (RelayError, ConnectionError, TimeoutError, ValueError) as exc:
         print(f"relay.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
+        _quiet_stdout()
         return 0  # tail | head closed the pipe
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``torq-relay`` command (``pip install .``): ``main`` with its exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -147,29 +147,51 @@ def test_help_documents_every_option_with_its_default_and_the_three_commands() -
         assert "default" in option_help(result.stdout, option), option
     documented = set(re.findall(r"^ {2}(--[a-z][a-z-]*)", result.stdout, re.MULTILINE))
     assert documented >= set(GLOBAL_OPTIONS)
-    for option in documented:  # an option added later must document its default too
+    for option in documented - {"--version"}:  # an option added later must say its default
         assert "default" in option_help(result.stdout, option), option
-    for command in ("run", "tail", "send"):
+    for command in ("run", "tail", "send", "stats", "clients", "record", "replay"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.MULTILINE), command
     assert "(default: 10000)" in option_help(result.stdout, "--queue-limit")
     assert "(default: 0600)" in option_help(result.stdout, "--socket-mode")
     assert "market_data" in option_help(result.stdout, "--domain")
 
 
+CONNECTION_OPTIONS = ("--domain", "--socket", "--log-level", "--log-format")
+RELAY_ONLY_OPTIONS = [o for o in GLOBAL_OPTIONS if o not in CONNECTION_OPTIONS]
+
+
 @pytest.mark.parametrize(("command", "options"), [
-    ("tail", ("--count", "--json")),
-    ("send", ("--count", "--rate")),
+    ("tail", ("--count", "--json", "--type", "--last")),
+    ("send", ("--count", "--rate", "--source")),
+    ("stats", ("--json", "--prometheus", "--watch")),
+    ("clients", ("--json",)),
+    ("record", ("--count", "--duration", "--max-bytes", "--type")),
+    ("replay", ("--speed", "--rate")),
 ])
-def test_tail_and_send_help_document_their_options(command: str,
-                                                   options: tuple[str, ...]) -> None:
+def test_client_command_help_shows_its_own_options_first_and_not_the_relays(
+        command: str, options: tuple[str, ...]) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
     for option in options:
         entry = option_help(result.stdout, option)
-        if option != "--json":  # a flag: nothing to default
+        if option not in ("--json", "--prometheus"):  # flags: nothing to default
             assert "default" in entry, entry
-    for option in GLOBAL_OPTIONS:  # accepted after the command too
+    first_own = min(result.stdout.index(f"  {o}") for o in options)
+    for option in CONNECTION_OPTIONS:  # accepted after the command too, listed after
         option_help(result.stdout, option)
+        assert result.stdout.index(f"  {option}") > first_own, option
+    for option in RELAY_ONLY_OPTIONS:
+        assert f"  {option}" not in result.stdout, option
+    description = result.stdout.split("\n\n")[1]
+    assert len(description.split()) >= 5, description  # a line that says what it does
+
+
+def test_a_relay_option_after_a_client_command_is_accepted_and_said_to_be_ignored(
+        start_relay: Any, socket_path: str) -> None:
+    start_relay()
+    result = run_cli("--socket", socket_path, "send", "--count", "1", "--queue-limit", "5")
+    assert result.returncode == 0, result.stderr
+    assert "--queue-limit only matter to run; send ignores them" in result.stderr
 
 
 @pytest.mark.parametrize("args", [
@@ -494,7 +516,7 @@ def test_tail_prints_a_visible_gap_line_and_the_gaps_add_up_to_what_it_lost(
     def tally() -> tuple[int, int, list[str]]:
         lines = read_text(out_path).splitlines()
         gaps = [line for line in lines if " GAP: " in line]
-        dropped = sum(int(n) for g in gaps for n in re.findall(r"dropped (\d+) messages", g))
+        dropped = sum(int(n) for g in gaps for n in re.findall(r"GAP: (\d+) messages", g))
         return len(lines) - len(gaps), dropped, gaps
 
     wait_until(lambda: sum(tally()[:2]) >= sent, "tail to print everything or its gap")
@@ -502,7 +524,7 @@ def test_tail_prints_a_visible_gap_line_and_the_gaps_add_up_to_what_it_lost(
     assert gaps, "no GAP line"
     assert data_lines + dropped == sent
     assert dropped == running.stats().messages_dropped
-    assert re.search(r"GAP: the relay dropped \d+ messages for this consumer "
+    assert re.search(r"GAP: \d+ messages lost for this consumer "
                      rf"\({dropped} in total\)", gaps[-1]), gaps[-1]
     code, _, err = stop(tail, signal.SIGINT)
     assert code == 0, err
@@ -727,5 +749,5 @@ def test_gap_notice_decodes_as_what_tail_reports() -> None:
 
     notice = logic.gap_message(7, 12, source=logic.Source.MARKET_DATA_RELAY, sequence=3)
     assert decode_gap(parse_message(notice).tlvs[0][1]) == (7, 12)
-    assert "GAP: the relay dropped 7 messages for this consumer (12 in total)" in format_line(
+    assert "GAP: 7 messages lost for this consumer (12 in total)" in format_line(
         notice)
