@@ -2262,6 +2262,10 @@ RECONNECT_MAX_DELAY_S = 1.0  # ... to this
 RECONNECT_TIMEOUT_S = 30.0  # give up when the relay has been gone this long
 
 
+SPLIT_FRAMES = 64  # frames of one size cut per Struct call (FrameBatch.frames)
+_SPLITTERS: dict[int, struct.Struct] = {}
+
+
 class FrameBatch:
     """Whole frames from one read, without a copy each.
 
@@ -2292,11 +2296,24 @@ class FrameBatch:
     def frames(self) -> list[bytes]:
         """Every frame as ``bytes``."""
         data, offsets = self.data, self.offsets
-        if isinstance(offsets, range):
-            size = offsets.step
-            # Shaped for speed: one comprehension over a range, ~100 ns a frame.
-            return [data[at:at + size] for at in offsets[:-1]]
-        return [data[a:b] for a, b in itertools.pairwise(offsets)]
+        if not isinstance(offsets, range):
+            return [data[a:b] for a, b in itertools.pairwise(offsets)]
+        size, start, count = offsets.step, offsets.start, len(offsets) - 1
+        # Shaped for speed: frames of one size are cut by a Struct of SPLIT_FRAMES
+        # "{size}s" fields, in C: ~20 ns a frame instead of ~100 for a comprehension.
+        whole = count - count % SPLIT_FRAMES
+        frames: list[bytes] = []
+        if whole:
+            splitter = _SPLITTERS.get(size)
+            if splitter is None:
+                if len(_SPLITTERS) > 64:
+                    _SPLITTERS.clear()
+                splitter = _SPLITTERS[size] = struct.Struct(f"{size}s" * SPLIT_FRAMES)
+            frames = list(itertools.chain.from_iterable(
+                splitter.iter_unpack(memoryview(data)[start:start + whole * size])))
+        if whole < count:
+            frames += [data[at:at + size] for at in offsets[whole:-1]]
+        return frames
 
     def __repr__(self) -> str:
         return f"<FrameBatch {len(self)} frames, {len(self.data)} bytes>"
@@ -2353,17 +2370,6 @@ class _Received:
                 frames -= len(rest)
                 stop = pos + frames * size
         return frames
-
-    def take_one(self) -> bytes | None:
-        """The next whole frame, or None."""
-        data, pos = self.data, self.pos
-        if len(data) - pos < HEADER_SIZE:
-            return None
-        end = pos + self._frame_size(pos)
-        if end > len(data):
-            return None
-        self.pos = end
-        return data[pos:end]
 
     def take_batch(self, max_frames: int | None = None) -> FrameBatch | None:
         """The whole frames buffered (at most ``max_frames``), or None. The batch
@@ -2428,6 +2434,7 @@ class _ClientBase:
         else:
             self.subscription = None
         self._received = _Received()
+        self._ready: collections.deque[bytes] = collections.deque()  # cut, not returned
         self._down_since = 0.0  # when the connection was lost (0: it is up)
         self._attempts = 0
         self._next_attempt_at = 0.0
@@ -2459,6 +2466,14 @@ class _ClientBase:
             return ConnectionError(f"the relay closed the connection in the middle of a "
                                    f"frame ({buffered} bytes received)")
         return EOFError("the relay closed the connection")
+
+    def _take_ready(self, max_frames: int | None) -> FrameBatch:
+        """The frames ``recv`` already cut, as a batch (a copy: rare)."""
+        ready = self._ready
+        count = len(ready) if max_frames is None else min(max_frames, len(ready))
+        frames = [ready.popleft() for _ in range(count)]
+        offsets = [0, *itertools.accumulate(map(len, frames))]
+        return FrameBatch(b"".join(frames), offsets)
 
     def _begin_outage(self) -> None:
         if not self._down_since:
@@ -2614,19 +2629,22 @@ class RelayClient(_ClientBase):
         ``EOFError`` when the relay closed the connection between frames,
         ``ConnectionError`` when it went away in the middle of one.
         """
+        ready = self._ready
+        if ready:
+            # Shaped for speed: frames are cut a batch at a time and handed out one by
+            # one, ~0.2 us a call instead of ~0.7 us cutting each on its own.
+            return ready.popleft()
         received = self._received
-        frame = received.take_one()
-        if frame is not None:
-            return frame
         deadline = self._deadline(timeout)
         while True:
+            batch = received.take_batch()
+            if batch is not None:
+                ready.extend(batch.frames())
+                return ready.popleft()
             # Always one read, even with no time left: a frame may already be waiting.
             if not self._read(deadline):
                 raise TimeoutError(f"no message from the relay within "
                                    f"{timeout if timeout is not None else self.timeout} s")
-            frame = received.take_one()
-            if frame is not None:
-                return frame
 
     def recv_batch(self, max_frames: int | None = None,
                    timeout: float | None = None) -> FrameBatch:
@@ -2634,6 +2652,8 @@ class RelayClient(_ClientBase):
         brings (more reads only while no frame is whole yet), as a ``FrameBatch``: at
         least one frame, at most ``max_frames``; ``TimeoutError`` / ``EOFError`` /
         ``ConnectionError`` as ``recv``."""
+        if self._ready:  # frames recv() cut already come first
+            return self._take_ready(max_frames)
         received = self._received
         batch = received.take_batch(max_frames)
         if batch is not None:
@@ -2795,22 +2815,25 @@ class AsyncRelayClient(_ClientBase):
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """One whole frame; errors as ``RelayClient.recv``."""
+        ready = self._ready
+        if ready:
+            return ready.popleft()
         received = self._received
-        frame = received.take_one()
-        if frame is not None:
-            return frame
         deadline = self._deadline(timeout)
         while True:
+            batch = received.take_batch()
+            if batch is not None:
+                ready.extend(batch.frames())
+                return ready.popleft()
             if not await self._read(deadline):
                 raise TimeoutError(f"no message from the relay within "
                                    f"{timeout if timeout is not None else self.timeout} s")
-            frame = received.take_one()
-            if frame is not None:
-                return frame
 
     async def recv_batch(self, max_frames: int | None = None,
                          timeout: float | None = None) -> FrameBatch:
         """As ``RelayClient.recv_batch``."""
+        if self._ready:  # frames recv() cut already come first
+            return self._take_ready(max_frames)
         received = self._received
         batch = received.take_batch(max_frames)
         if batch is not None:
