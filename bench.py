@@ -1709,7 +1709,8 @@ def scenario_retention(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[R
     # The verdict rests on the relay's own CPU per message in the same end-to-end runs:
     # it is what retention can cost, and unlike msg/s it holds still between runs.
     rows.append(row(f"retention on (--retain {RETAIN_MESSAGES}) vs off, 1 -> 1, 64 B, relay "
-                    "CPU per message (busy polling off)", f"on {cpu_on:.1f} ns", f"off {cpu_off:.1f} ns",
+                    "CPU per message (busy polling off)", f"on {cpu_on:.1f} ns",
+                    f"off {cpu_off:.1f} ns",
                     f"{abs(cpu_pct):.1f}% {'more' if cpu_pct > 0 else 'less'}",
                     f"<= {TARGET_RETAIN_SLOWER_PCT:.0f}% slower",
                     verdict(cpu_pct <= TARGET_RETAIN_SLOWER_PCT)))
