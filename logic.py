@@ -36,7 +36,8 @@ __all__ = [
     "Domain", "Source", "TLV_NAMES", "RELAY_SOURCE",
     "TLV_TRADE", "TLV_QUOTE", "TLV_GAS_PRICE", "TLV_SIGNAL_IDENTITY", "TLV_ORDER_REQUEST",
     "TLV_HEARTBEAT", "RELAY_SUBSCRIBE", "RELAY_GAP", "RELAY_QUERY", "RELAY_REPORT",
-    "RELAY_REPLAY", "RELAY_LIVE", "CLIENT_RECONNECTED", "QUERY_STATS", "QUERY_CLIENTS",
+    "RELAY_REPLAY", "RELAY_LIVE", "CLIENT_RECONNECTED", "RELAY_TLV_TYPES", "QUERY_STATS",
+    "QUERY_CLIENTS",
     "SUBSCRIBE_ALL", "SUBSCRIBE_TYPES", "SUBSCRIBE_NONE", "SUBSCRIBE_GAP_NOTICES",
     "SUBSCRIBE_BRIDGE", "FRAME_START", "FRAME_PREFIX", "CHECKSUM", "CHECKSUM_OFFSET",
     "PAYLOAD_SIZE_OFFSET", "frame_prefix",
@@ -140,6 +141,9 @@ RELAY_REPORT = 116
 RELAY_REPLAY = 117
 RELAY_LIVE = 118
 CLIENT_RECONNECTED = 119  # made by a reconnecting client itself, never sent on the wire
+#: The relay's own TLV types: a domain-4 frame whose first TLV is one of them is
+#: addressed to the relay and never forwarded.
+RELAY_TLV_TYPES = range(RELAY_SUBSCRIBE, CLIENT_RECONNECTED + 1)
 
 #: Human names of the TLV types this project knows (``tail`` prints them).
 TLV_NAMES = {

@@ -47,7 +47,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -67,6 +67,7 @@ from logic import (
     RELAY_REPLAY,
     RELAY_SOURCE,
     RELAY_SUBSCRIBE,
+    RELAY_TLV_TYPES,
     SUBSCRIBE_ALL,
     SUBSCRIBE_NONE,
     SUBSCRIBE_TYPES,
@@ -110,10 +111,10 @@ UNIFORM_RETRY_BYTES = 16 * 1024  # policy domains: retry column checks this far 
 WRITE_BATCH_CHUNKS = 64  # chunks handed to one sendmsg (writev) call
 FAILED_WRITER_READS = 64  # reads (of up to 64 KiB) from a client whose write failed
 CONNECT_PROBE_TIMEOUT_S = 1.0
+LOCK_PID_READS = 100  # a refused relay waits up to ~0.5 s for the winner's pid in PATH.lock
 SOCKET_PATH_MAX_BYTES = 107  # AF_UNIX sun_path: 108 bytes with the terminating NUL
 CLOSED_CLIENTS_KEPT = 64  # the `clients` report lists this many departed clients
 RETAIN_BYTES = 64 * 1024 * 1024  # --retain-bytes: the ring's hard byte bound
-RELAY_TLV_TYPES = range(113, 120)  # the relay's own TLV types: a frame led by one is for it
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -153,7 +154,6 @@ class Stats:
     backpressure_pauses: int
 
 
-STAT_FIELDS = tuple(f.name for f in fields(Stats))
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,7 +277,12 @@ class SocketFile:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
+                holder = ""
+                for _ in range(LOCK_PID_READS):  # the winner writes its pid just after
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    if holder.isdigit():
+                        break
+                    time.sleep(0.005)
                 os.close(fd)
                 pid = holder if holder.isdigit() else "unknown"
                 raise RelayError(f"another relay is already listening on {self.path} "
@@ -840,7 +845,15 @@ class Outbound:
         self.dropped += dropped
         self.lost_total += dropped
         if notice is not None:
-            frame = notice(dropped + carried, self.lost_total)
+            # Notices queued after this one (upstream loss) come later in the stream:
+            # this one's running total leaves them out, and theirs grow by this drop.
+            later = [i for i in range(at, len(queue)) if queue[i][2] > 0]
+            told_later = sum(queue[i][2] for i in later)
+            for i in later:
+                old_frame, _, told = queue[i]
+                total = logic.decode_gap(logic.parse_message(old_frame).tlvs[0][1]).total_dropped
+                queue[i] = (notice(told, total + dropped), 0, told)
+            frame = notice(dropped + carried, self.lost_total - told_later)
             queue.insert(at, (frame, 0, dropped + carried))
             self.bytes += len(frame)
             if held is not None:
@@ -2374,8 +2387,10 @@ class _Received:
         ``size`` and the magic: they follow each other every ``size`` bytes."""
         columns = self.columns.get(size)
         if columns is None:
-            layout = struct.pack("<I20xI", MAGIC, size - HEADER_SIZE)
-            columns = tuple((i, layout[i:i + 1]) for i in (0, 1, 2, 3, 24, 25, 26, 27))
+            magic = struct.pack("<I", MAGIC)
+            payload_size = struct.pack("<I", size - HEADER_SIZE)
+            columns = tuple((i, magic[i:i + 1]) for i in range(4)) + tuple(
+                (PAYLOAD_SIZE_OFFSET + i, payload_size[i:i + 1]) for i in range(4))
             if len(self.columns) > 64:
                 self.columns.clear()
             self.columns[size] = columns
@@ -3507,11 +3522,18 @@ def _run(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
                   busy_poll=args.busy_poll_us / 1e6, allow_uids=args.allow_uid,
                   allow_gids=args.allow_gid, retain=args.retain,
                   retain_bytes=args.retain_bytes)
-    if stop_requested:
-        log.info("%s received while starting: stopping", signal.Signals(stop_requested[0]).name)
-        relay.close()
-        return 0
-    relay.serve_forever()
+    try:
+        if stop_requested:
+            log.info("%s received while starting: stopping",
+                     signal.Signals(stop_requested[0]).name)
+            relay.close()
+        else:
+            relay.serve_forever()
+    finally:
+        # The interpreter's exit puts the default handler back for every signal that
+        # has a Python handler: from here on, stop signals are ignored instead.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
@@ -3730,7 +3752,7 @@ def _replay_file(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int
         try:
             try:
                 for _, frame in _frames_of(source, args.file):
-                    if frame[4] == Domain.SYSTEM:
+                    if FRAME_START.unpack_from(frame)[1] & 0xFF == Domain.SYSTEM:
                         skipped += 1  # the relay's own frames: gap notices, markers
                         continue
                     if args.rate > 0:
