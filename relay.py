@@ -2300,11 +2300,12 @@ class FrameBatch:
     """Whole frames from one read, without a copy each.
 
     ``data`` holds them back to back; frame ``i`` is ``data[offsets[i]:offsets[i + 1]]``
-    (``offsets`` has one entry more than there are frames; a ``range`` when they all
-    have one size). ``data`` is an immutable ``bytes`` object that no later read
-    reuses, so a batch stays valid for as long as you keep it. Parse in place with
-    ``struct.unpack_from(data, offset)``; iterating (or ``batch[i]``) copies each frame
-    out as ``bytes``.
+    (``offsets`` has one entry more than there are frames; a ``range`` when the batch
+    is one run of 16 or more frames of one size, the common case of a feed of Trades).
+    ``data`` is an immutable ``bytes`` object that no later read reuses, so a batch
+    stays valid for as long as you keep it. Parse in place with
+    ``struct.unpack_from(data, offset)``; iterating (or ``batch[i]``, negative indices
+    too) copies each frame out as ``bytes``.
     """
 
     __slots__ = ("data", "offsets")
@@ -2317,6 +2318,11 @@ class FrameBatch:
         return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> bytes:
+        count = len(self.offsets) - 1
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError(f"frame {index} of a batch of {count}")
         offsets = self.offsets
         return self.data[offsets[index]:offsets[index + 1]]
 
@@ -2354,16 +2360,18 @@ class _Received:
     clients share it). A run of same-size frames is found a column at a time, as the
     relay does: ``data[pos+i:stop:size]`` gathers byte i of every frame in C."""
 
-    __slots__ = ("data", "pos", "columns")
+    __slots__ = ("data", "pos", "columns", "base")
 
     def __init__(self) -> None:
         self.data = b""
         self.pos = 0  # data[:pos] was already returned
+        self.base = 0  # stream offset of data[0], for error messages
         self.columns: dict[int, tuple[tuple[int, bytes], ...]] = {}
 
     def feed(self, chunk: bytes) -> None:
         """Add what one read returned."""
         data, pos = self.data, self.pos
+        self.base += pos
         self.data = data[pos:] + chunk if pos < len(data) else chunk
         self.pos = 0
 
@@ -2372,14 +2380,14 @@ class _Received:
         return len(self.data) - self.pos
 
     def clear(self) -> None:
-        """Forget what is buffered (the connection it came from is gone)."""
-        self.data, self.pos = b"", 0
+        """Forget what is buffered and start a new stream (a new connection)."""
+        self.data, self.pos, self.base = b"", 0, 0
 
     def _frame_size(self, pos: int) -> int:
         magic, _, payload_size = FRAME_START.unpack_from(self.data, pos)
         if magic != MAGIC:
-            raise ProtocolError(f"bad magic 0x{magic:08x} from the relay at buffered "
-                                f"offset {pos}; the stream is out of step")
+            raise ProtocolError(f"bad magic 0x{magic:08x} from the relay at offset "
+                                f"{self.base + pos} of its stream; the stream is out of step")
         return HEADER_SIZE + int(payload_size)
 
     def _run(self, pos: int, size: int, frames: int) -> int:
@@ -2403,11 +2411,22 @@ class _Received:
                 stop = pos + frames * size
         return frames
 
+    def _whole_frame_at(self, pos: int) -> bool:
+        """A whole frame (with a good magic) is buffered at ``pos``."""
+        if len(self.data) - pos < HEADER_SIZE:
+            return False
+        try:
+            return pos + self._frame_size(pos) <= len(self.data)
+        except ProtocolError:
+            return False
+
     def take_batch(self, max_frames: int | None = None) -> FrameBatch | None:
         """The whole frames buffered (at most ``max_frames``), or None. The batch
         shares the buffered ``bytes`` object: no copy."""
         data, pos = self.data, self.pos
         end = len(data)
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
         limit = max_frames if max_frames is not None else end
         offsets: list[int] = []
         while len(offsets) < limit and end - pos >= HEADER_SIZE:
@@ -2422,7 +2441,7 @@ class _Received:
                 whole = self._run(pos, size, whole)
                 if whole > 1:
                     stop = pos + whole * size
-                    if not offsets:
+                    if not offsets and (whole == limit or not self._whole_frame_at(stop)):
                         # The common case: the batch is one run, its offsets a range.
                         self.pos = stop
                         return FrameBatch(data, range(pos, stop + size, size))
@@ -2463,8 +2482,12 @@ class _ClientBase:
                     else SUBSCRIBE_TYPES if subscribe is not None else SUBSCRIBE_ALL)
             self.subscription: bytes | None = logic.subscribe_message(
                 mode, subscribe or (), gap_notices, bridge=bridge, replay=replay)
+            # Reconnects subscribe without the replay: a relay that did not restart
+            # would replay what this client already has.
+            self.resubscription: bytes | None = self.subscription if replay is None else (
+                logic.subscribe_message(mode, subscribe or (), gap_notices, bridge=bridge))
         else:
-            self.subscription = None
+            self.subscription = self.resubscription = None
         self._received = _Received()
         self._ready: collections.deque[bytes] = collections.deque()  # cut, not returned
         self._down_since = 0.0  # when the connection was lost (0: it is up)
@@ -2527,10 +2550,21 @@ class _ClientBase:
         delay = min(RECONNECT_MAX_DELAY_S, RECONNECT_FIRST_DELAY_S * 2 ** (self._attempts - 1))
         self._next_attempt_at = _monotonic() + delay
 
-    def _reconnected(self) -> None:
-        """Connected again: the next frame returned is a CLIENT_RECONNECTED notice."""
-        outage_ns = int((_monotonic() - self._down_since) * 1e9)
+    def _salvage(self) -> None:
+        """The connection is gone: keep the whole frames it delivered (they come
+        first), forget a frame it left half received."""
+        while True:
+            batch = self._received.take_batch()
+            if batch is None:
+                break
+            self._ready.extend(batch.frames())
         self._received.clear()
+
+    def _reconnected(self) -> None:
+        """Connected again: after the frames received before the outage, the next frame
+        returned is a CLIENT_RECONNECTED notice."""
+        outage_ns = int((_monotonic() - self._down_since) * 1e9)
+        self._salvage()
         self._received.feed(logic.reconnected_message(outage_ns, self._attempts + 1))
         self._down_since = 0.0
         self.reconnects += 1
@@ -2568,17 +2602,18 @@ class RelayClient(_ClientBase):
         super().__init__(path, **options)
         self.sock: socket.socket | None = None
         try:
-            self.sock = self._open(self._deadline(None) or _monotonic() + CONNECT_TIMEOUT_S)
+            self.sock = self._open(self._deadline(None) or _monotonic() + CONNECT_TIMEOUT_S,
+                                   self.subscription)
         except OSError as exc:
             raise self._connect_error(exc) from None
 
-    def _open(self, deadline: float | None) -> socket.socket:
+    def _open(self, deadline: float | None, subscription: bytes | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self._remaining(deadline))
             sock.connect(self.path)
-            if self.subscription is not None:
-                sock.sendall(self.subscription)
+            if subscription is not None:
+                sock.sendall(subscription)
             sock.settimeout(self.timeout)
         except BaseException:
             sock.close()
@@ -2598,7 +2633,8 @@ class RelayClient(_ClientBase):
             time.sleep(wait)
             try:
                 self.sock = self._open(deadline if deadline is not None
-                                       else _monotonic() + CONNECT_TIMEOUT_S)
+                                       else _monotonic() + CONNECT_TIMEOUT_S,
+                                       self.resubscription)
             except OSError:
                 self._attempt_failed()
                 continue
@@ -2606,9 +2642,18 @@ class RelayClient(_ClientBase):
         return self.sock
 
     def _drop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        """The connection failed: keep what the relay had already delivered into it,
+        then close it."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            sock.setblocking(False)
+            while data := sock.recv(RECV_BYTES):
+                self._received.feed(data)
+        except OSError:
+            pass
+        sock.close()
 
     def send(self, message: bytes | bytearray | memoryview) -> None:
         """Send one message (or any whole frames) to the relay. With reconnect=True a
@@ -2632,7 +2677,10 @@ class RelayClient(_ClientBase):
         """One blocking read into the buffer. False if nothing came within the
         deadline; raises EOFError / ConnectionError when the relay went away (unless
         reconnecting, which puts a CLIENT_RECONNECTED notice in the buffer)."""
-        sock = self._socket(deadline)
+        if self.sock is None:
+            self._socket(deadline)  # reconnects (the notice is then buffered) or raises
+            return True
+        sock = self.sock
         sock.settimeout(self._remaining(deadline))
         try:
             data = sock.recv(RECV_BYTES)
@@ -2705,13 +2753,17 @@ class RelayClient(_ClientBase):
         return self.recv_batch(max_frames, timeout).frames()
 
     def __iter__(self) -> Iterator[bytes]:
-        """Frames until the relay closes the connection (read in batches)."""
+        """Frames until the relay closes the connection (read in batches; leaving the
+        loop early keeps the rest for the next call)."""
+        ready = self._ready
         while True:
+            while ready:
+                yield ready.popleft()
             try:
-                frames = self.recv_many()
+                frame = self.recv()
             except EOFError:
                 return
-            yield from frames
+            yield frame
 
     def fileno(self) -> int:
         """The socket's descriptor, to watch it in your own selector (-1 while
@@ -2721,7 +2773,9 @@ class RelayClient(_ClientBase):
     def close(self) -> None:
         """Close the connection."""
         self.reconnect = False
-        self._drop()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def __enter__(self) -> RelayClient:
         return self
@@ -2753,12 +2807,12 @@ class AsyncRelayClient(_ClientBase):
         client = cls(path, **options)
         deadline = client._deadline(None) or _monotonic() + CONNECT_TIMEOUT_S
         try:
-            client.sock = await client._open(deadline)
+            client.sock = await client._open(deadline, client.subscription)
         except OSError as exc:
             raise client._connect_error(exc) from None
         return client
 
-    async def _open(self, deadline: float | None) -> socket.socket:
+    async def _open(self, deadline: float | None, subscription: bytes | None) -> socket.socket:
         import asyncio
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2766,8 +2820,8 @@ class AsyncRelayClient(_ClientBase):
         try:
             await asyncio.wait_for(loop.sock_connect(sock, self.path),
                                    self._remaining(deadline))
-            if self.subscription is not None:
-                await loop.sock_sendall(sock, self.subscription)
+            if subscription is not None:
+                await loop.sock_sendall(sock, subscription)
         except asyncio.TimeoutError:
             sock.close()
             raise TimeoutError(f"connecting to {self.path} timed out") from None
@@ -2789,7 +2843,8 @@ class AsyncRelayClient(_ClientBase):
             await asyncio.sleep(wait)
             try:
                 self.sock = await self._open(deadline if deadline is not None
-                                             else _monotonic() + CONNECT_TIMEOUT_S)
+                                             else _monotonic() + CONNECT_TIMEOUT_S,
+                                             self.resubscription)
             except OSError:
                 self._attempt_failed()
                 continue
@@ -2797,18 +2852,36 @@ class AsyncRelayClient(_ClientBase):
         return self.sock
 
     def _drop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        """The connection failed: keep what the relay had already delivered into it,
+        then close it."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            while data := sock.recv(RECV_BYTES):  # non-blocking: only what is there
+                self._received.feed(data)
+        except OSError:
+            pass
+        sock.close()
 
     async def send(self, message: bytes | bytearray | memoryview) -> None:
-        """Send one message (or any whole frames) to the relay."""
+        """Send one message (or any whole frames) to the relay; ``TimeoutError``
+        after the client's ``timeout``."""
         import asyncio
         loop = asyncio.get_running_loop()
         while True:
-            sock = await self._socket(self._deadline(None))
+            deadline = self._deadline(None)
+            sock = await self._socket(deadline)
             try:
-                await loop.sock_sendall(sock, message)
+                if deadline is None:
+                    await loop.sock_sendall(sock, message)
+                else:
+                    try:
+                        await asyncio.wait_for(loop.sock_sendall(sock, message),
+                                               self._remaining(deadline))
+                    except asyncio.TimeoutError:
+                        raise TimeoutError(f"the relay did not take a message within "
+                                           f"{self.timeout} s") from None
                 return
             except (BrokenPipeError, ConnectionResetError):
                 if not self.reconnect:
@@ -2822,14 +2895,20 @@ class AsyncRelayClient(_ClientBase):
 
     async def _read(self, deadline: float | None) -> bool:
         import asyncio
-        loop = asyncio.get_running_loop()
-        sock = await self._socket(deadline)
+        if self.sock is None:
+            await self._socket(deadline)  # reconnects (the notice is then buffered)
+            return True
+        sock = self.sock
         try:
-            if deadline is None:
-                data = await loop.sock_recv(sock, RECV_BYTES)
-            else:
-                data = await asyncio.wait_for(loop.sock_recv(sock, RECV_BYTES),
-                                              self._remaining(deadline))
+            try:
+                data = sock.recv(RECV_BYTES)  # what is already there, without a wait
+            except BlockingIOError:
+                loop = asyncio.get_running_loop()
+                if deadline is None:
+                    data = await loop.sock_recv(sock, RECV_BYTES)
+                else:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, RECV_BYTES),
+                                                  self._remaining(deadline))
         except asyncio.TimeoutError:
             return False
         except (ConnectionResetError, BrokenPipeError):
@@ -2885,14 +2964,17 @@ class AsyncRelayClient(_ClientBase):
         return (await self.recv_batch(max_frames, timeout)).frames()
 
     async def __aiter__(self) -> Any:
-        """Frames until the relay closes the connection (read in batches)."""
+        """Frames until the relay closes the connection (read in batches; leaving the
+        loop early keeps the rest for the next call)."""
+        ready = self._ready
         while True:
+            while ready:
+                yield ready.popleft()
             try:
-                frames = await self.recv_many()
+                frame = await self.recv()
             except EOFError:
                 return
-            for frame in frames:
-                yield frame
+            yield frame
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 while reconnecting)."""
@@ -2901,7 +2983,9 @@ class AsyncRelayClient(_ClientBase):
     async def close(self) -> None:
         """Close the connection."""
         self.reconnect = False
-        self._drop()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     async def __aenter__(self) -> AsyncRelayClient:
         return self
