@@ -50,6 +50,7 @@ __all__ = [
     "subscribe_message", "decode_subscribe", "decode_replay", "gap_message", "decode_gap",
     "first_tlv_type", "query_message", "decode_query", "report_message", "decode_report",
     "live_message", "decode_live", "reconnected_message", "decode_reconnected",
+    "error_message", "decode_error", "TLV_ERROR",
     "RelayLogic", "BaseLogic", "MarketDataLogic", "SignalLogic", "ExecutionLogic",
     "OVERFLOW_POLICIES", "CHECKSUM_POLICIES", "LOGICS", "register_logic", "get_logic",
     "validate_logic", "uses_default_filter",
@@ -670,6 +671,18 @@ def gap_message(dropped: int, total_dropped: int, *, source: int = Source.MARKET
 def decode_gap(value: Buffer) -> Gap:
     """Decode a ``RELAY_GAP`` value: ``dropped u64 | total_dropped u64``."""
     return Gap(*_unpack(_GAP, "RELAY_GAP", value))
+
+
+def error_message(text: str, *, source: int = Source.MARKET_DATA_RELAY) -> bytes:
+    """An Error frame (domain 4, TLV 102, UTF-8 text): what a relay sends a connection
+    it refuses, just before it closes it."""
+    return build_message(Domain.SYSTEM, source,
+                         [(TLV_ERROR, text.encode()[:MAX_TLV_VALUE_SIZE])])
+
+
+def decode_error(value: Buffer) -> str:
+    """The text of an Error TLV."""
+    return bytes(value).decode(errors="replace")
 
 
 def query_message(what: int, *, source: int = 0) -> bytes:

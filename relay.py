@@ -115,6 +115,9 @@ LOCK_PID_READS = 100  # a refused relay waits up to ~0.5 s for the winner's pid 
 SOCKET_PATH_MAX_BYTES = 107  # AF_UNIX sun_path: 108 bytes with the terminating NUL
 CLOSED_CLIENTS_KEPT = 64  # the `clients` report lists this many departed clients
 RETAIN_BYTES = 64 * 1024 * 1024  # --retain-bytes: the ring's hard byte bound
+JOIN_GRACE_S = 0.02  # with --retain, a new client that sent nothing yet has its live data
+                     # held this long, so a replay request it is about to send goes first
+REPLAYS_KEPT = 16  # per client: earlier replays a later one leaves out
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -799,7 +802,7 @@ class Outbound:
             self.bytes -= size
         self.sent = written
         self.messages_out += delivered
-        if self.held is not None:
+        if self.replay is not None:
             self._feed()
         return delivered
 
@@ -880,9 +883,13 @@ class Outbound:
         ahead of live data held behind a replay): it counts toward the byte limit only.
         Returns ``WAITING`` or 0."""
         if kind == REPLY and self.held is not None:
+            waiting = bool(self.pending)
             self.pending.append((frame, 0, REPLY))
             self.bytes += len(frame)
-            return 0
+            if waiting:
+                return 0
+            self.write()
+            return WAITING if self.pending else 0
         return self.push((frame, 0, kind)) & WAITING
 
     def start_replay(self, entries: collections.deque[Entry], marker: bytes) -> int:
@@ -890,8 +897,9 @@ class Outbound:
         pushed from now on. Returns ``WAITING`` or 0, as ``push`` does."""
         self.replay = entries
         self.marker = marker
-        self.held = collections.deque()
-        self.held_messages = self.held_bytes = 0
+        if self.held is None:  # (a new client's live data may be held already)
+            self.held = collections.deque()
+            self.held_messages = self.held_bytes = 0
         waiting = bool(self.pending)
         self._feed()
         if waiting or not self.pending:
@@ -901,7 +909,28 @@ class Outbound:
 
     def replaying(self) -> bool:
         """A replay is still being fed (live data waits behind it)."""
-        return self.held is not None
+        return self.replay is not None
+
+    def hold(self) -> None:
+        """Keep live data waiting (a new client that may ask for a replay first)."""
+        if self.held is None:
+            self.held = collections.deque()
+            self.held_messages = self.held_bytes = 0
+
+    def release(self) -> int:
+        """Stop holding live data (no replay was asked for): write what was held.
+        Returns ``WAITING`` or 0, as ``push`` does."""
+        held = self.held
+        if held is None or self.replay is not None:
+            return 0  # not holding, or a replay now goes first
+        self.held = None
+        self.held_messages = self.held_bytes = 0
+        waiting = bool(self.pending)
+        self.pending.extend(held)
+        if waiting or not self.pending:
+            return 0
+        self.write()
+        return WAITING if self.pending else 0
 
     def _feed(self) -> None:
         """Move replay entries into pending while less than half the limits wait there;
@@ -1052,18 +1081,21 @@ class History:
             self.bytes -= len(oldest[0])
             self.trimmed += oldest[1]
 
-    def select(self, client: Client, replay: logic.Replay,
-               received: list[Segment]) -> tuple[collections.deque[Entry], int]:
+    def select(self, client: Client, replay: logic.Replay, received: list[Segment],
+               replayed: list[Replayed]) -> tuple[collections.deque[Entry], int,
+                                                  tuple[int, int] | None]:
         """The replay for ``client`` under its (new) subscription: the retained
         messages among the ``last`` it would receive whose timestamp is ``>= since_ns``,
-        never its own, never what it already received live (``received``), never what
-        another bridge published when it is a bridge. Returns the entries, oldest
-        first, and how many messages they hold."""
+        never its own, never what it already received live (``received``) or in an
+        earlier replay (``replayed``), never what another bridge published when it is a
+        bridge. Returns the entries, oldest first, how many messages they hold, and
+        where the oldest is: ``(serial, index in its chunk)``."""
         mode, types, bridge = client.mode, client.types, client.bridge
         wanted = replay.last or math.inf
         since_ns = replay.since_ns
         picked: list[Entry] = []
         found = 0
+        cut: tuple[int, int] | None = None
         stretch = len(received) - 1  # walk the stretches backwards with the chunks
         for chunk, count, serial, sender, sender_bridge in reversed(self.chunks):
             if found >= wanted:
@@ -1082,28 +1114,48 @@ class History:
                     continue
                 else:
                     seen = seen_types
-            if mode == SUBSCRIBE_ALL and seen is None and not since_ns and (
-                    count <= wanted - found):
+            earlier = [r for r in replayed if r[0] <= serial < r[2]
+                       and not (r[5] and sender_bridge)]
+            if (mode == SUBSCRIBE_ALL and seen is None and not earlier and not since_ns
+                    and count <= wanted - found):
                 picked.append((chunk, count, 0))  # the whole chunk, no copy
                 found += count
+                cut = (serial, 0)
                 continue
-            frames = []
-            pos, end = 0, len(chunk)
+            frames: list[tuple[int, bytes]] = []
+            pos, end, index = 0, len(chunk), 0
             while pos < end:
                 header = HEADER.unpack_from(chunk, pos)
                 nxt = pos + HEADER_SIZE + header[7]
                 first_type = logic.first_tlv_type(chunk, pos)
                 if ((mode == SUBSCRIBE_ALL or first_type in types)
                         and (seen is None or first_type not in seen)
-                        and header[6] >= since_ns):
-                    frames.append(chunk[pos:nxt])
+                        and header[6] >= since_ns
+                        and not any(_replayed_in(r, serial, index, first_type, header[6])
+                                    for r in earlier)):
+                    frames.append((index, chunk[pos:nxt]))
                 pos = nxt
+                index += 1
             if frames:
                 keep = frames[-int(min(len(frames), wanted - found)):]
-                picked.append((b"".join(keep), len(keep), 0))
+                picked.append((b"".join(frame for _, frame in keep), len(keep), 0))
                 found += len(keep)
+                cut = (serial, keep[0][0])
         picked.reverse()
-        return collections.deque(picked), found
+        return collections.deque(picked), found, cut
+
+
+# An earlier replay to a client: (serial and index of its oldest frame, the serial after
+# its newest chunk, the mode, types and bridge role it was selected under, since_ns).
+Replayed = tuple[int, int, int, int, frozenset[int], bool, int]
+
+
+def _replayed_in(record: Replayed, serial: int, index: int, first_type: int | None,
+                 timestamp_ns: int) -> bool:
+    """True if the frame at ``index`` of chunk ``serial`` was in that earlier replay."""
+    cut_serial, cut_index, _, mode, types, _, since_ns = record
+    return ((serial > cut_serial or index >= cut_index)
+            and (mode == SUBSCRIBE_ALL or first_type in types) and timestamp_ns >= since_ns)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1126,7 +1178,7 @@ class Client:
         # subscription, the fan-out lists it is in (a bit mask), and what it received
         # live: the serial its current subscription started at and earlier stretches
         "mode", "types", "gap_notices", "bridge", "subscribed", "listed", "lists", "since",
-        "received",
+        "received", "replays", "joining",
         # outbound queue
         "out",
         # state
@@ -1161,6 +1213,8 @@ class Client:
         self.lists = 0
         self.since = 0  # History serial of the first chunk its subscription received
         self.received: list[Segment] = []  # earlier stretches (History is on)
+        self.replays: list[Replayed] = []  # what earlier replays sent it
+        self.joining = False  # new, silent: its live data is held for JOIN_GRACE_S
         self.out = out
         self.reading = True
         self.writing = False
@@ -1186,6 +1240,19 @@ def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     except (OSError, AttributeError, struct.error):
         return None  # not Linux
     return (pid, uid, gid) if pid > 0 else None
+
+
+def _supplementary_groups(pid: int) -> frozenset[int]:
+    """The supplementary group ids of process ``pid`` (``Groups:`` in
+    ``/proc/<pid>/status``; SO_PEERCRED gives only the primary one)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
 
 
 def _process_name(pid: int) -> str | None:
@@ -1239,9 +1306,9 @@ class Relay:
                             ("stats_interval", stats_interval), ("busy_poll", busy_poll)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be 0 or more seconds (inf: never), got {value}")
-        if retain < 0 or retain_bytes < 1:
-            raise ValueError(f"retain must be 0 (off) or more messages and retain_bytes "
-                             f"positive, got {retain} and {retain_bytes}")
+        if retain < 0 or retain_bytes < BUFFER_SIZE:
+            raise ValueError(f"retain must be 0 (off) or more messages and retain_bytes at "
+                             f"least {BUFFER_SIZE} (one read), got {retain} and {retain_bytes}")
         if not 0 <= socket_mode <= 0o777:
             raise ValueError(f"socket mode {socket_mode:o} is not a permission mode "
                              "(0000..0777)")
@@ -1294,6 +1361,7 @@ class Relay:
         self.selective: dict[Client, None] = {}  # mode 1: messages of listed TLV types
         self.local_selective: dict[Client, None] = {}
         self.failed_writers: list[Client] = []  # write failed: read what they sent, close
+        self.joiners: dict[Client, float] = {}  # new clients whose live data is held: until
         self.closed_clients: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=CLOSED_CLIENTS_KEPT)
         self.next_client_id = 1
@@ -1340,7 +1408,7 @@ class Relay:
                  "checksum %s, max message %d B%s)", self.logic.name, self.socket_path,
                  os.getpid(), self.socket_mode, self.overflow, self.logic.checksum,
                  self.max_message_size, f", retain {self.retain}" if self.retain else "")
-        if self.socket_mode & 0o006:
+        if self.socket_mode & 0o002:  # connecting needs write permission
             log.warning("socket mode %04o lets every local user connect to this relay; "
                         "narrow it (e.g. --socket-mode 0660 with --allow-gid)",
                         self.socket_mode)
@@ -1490,6 +1558,10 @@ class Relay:
             if self.failed_writers:
                 self._finish_failed_writers()
             now = _monotonic()
+            if self.joiners:
+                for client, until in list(self.joiners.items()):
+                    if now >= until:
+                        self._joined(client)
             if self.backpressure.paused:
                 self._check_stalls(now)
             if self.accept_resume_at and now >= self.accept_resume_at:
@@ -1503,6 +1575,8 @@ class Relay:
 
     def _timeout(self, next_stats: float) -> float | None:
         deadline = min(next_stats, self.backpressure.deadline())
+        if self.joiners:
+            deadline = min(deadline, *self.joiners.values())
         if self.accept_resume_at:
             deadline = min(deadline, self.accept_resume_at)
         if deadline == math.inf:
@@ -1544,7 +1618,9 @@ class Relay:
                     continue
                 raise
             if len(self.clients) >= self.max_connections:
-                sock.close()
+                self._refuse_connection(sock, f"refused: {len(self.clients)} clients are "
+                                        f"connected, the limit is --max-connections "
+                                        f"{self.max_connections}")
                 self.connections_rejected += 1
                 self._warn("reject", "refused a connection: %d clients connected, the "
                            "limit is --max-connections %d (%d refused so far)",
@@ -1556,9 +1632,11 @@ class Relay:
     def _add_client(self, sock: socket.socket) -> None:
         credentials = _peer_credentials(sock)
         if not self._admitted(credentials):
-            sock.close()
-            self.connections_rejected += 1
             pid, uid, gid = credentials or (None, None, None)
+            self._refuse_connection(sock, f"refused: uid {uid} / gid {gid} is not admitted "
+                                    f"by --allow-uid {_id_list(self.allow_uids)} / "
+                                    f"--allow-gid {_id_list(self.allow_gids)}")
+            self.connections_rejected += 1
             self._warn("credentials", "refused a connection from pid %s (uid %s, gid %s, "
                        "%s): not in --allow-uid %s / --allow-gid %s (%d refused so far)",
                        pid, uid, gid, _process_name(pid) if pid else "?",
@@ -1573,27 +1651,64 @@ class Relay:
         self.clients[client.fileno] = client
         log.debug("%s: connected (uid %s, %d active)", client.label, client.uid,
                   len(self.clients))
-        if self.backpressure.paused:
+        # Read what it sent with its connect (a RELAY_SUBSCRIBE, a replay request, a
+        # query) before it joins the fan-out, so it does not get a few messages it never
+        # asked for first, and so `stats` is answered even while backpressure pauses
+        # reading (this one read is all a newcomer gets until the pause ends).
+        self.selector.register(sock, selectors.EVENT_READ, client)
+        self._read_ready(client)
+        if self.backpressure.paused and not client.closed:
             client.reading = False  # joins the pause; resumes with everyone else
-        else:
-            self.selector.register(sock, selectors.EVENT_READ, client)
-            # Read what it sent with its connect (a RELAY_SUBSCRIBE, a replay request)
-            # before it joins the fan-out, so it does not get a few messages it never
-            # asked for first.
-            self._read_ready(client)
+            self._update_events(client)
+        if (self.history is not None and not client.leaving and not client.messages_in
+                and client.mode != SUBSCRIBE_NONE):
+            # It sent nothing with its connect yet: hold its live data a moment, so a
+            # replay request on its way still comes first (the seam stays in order).
+            client.out.hold()
+            client.joining = True
+            self.joiners[client] = _monotonic() + JOIN_GRACE_S
         client.listed = True
         if self.history is not None:
             client.since = self.history.serial + 1
         self._relist(client)
+
+    def _refuse_connection(self, sock: socket.socket, why: str) -> None:
+        """Tell a connection it is refused (an Error frame), then close it."""
+        try:
+            sock.setblocking(False)
+            sock.send(logic.error_message(why, source=self.relay_source))
+        except OSError:
+            pass  # it is gone already, or its buffer is full: the close says enough
+        sock.close()
+
+    def _joined(self, client: Client) -> None:
+        """A new client's first frames arrived (or the grace ran out): release the live
+        data held for it, unless a replay now goes first."""
+        client.joining = False
+        self.joiners.pop(client, None)
+        if client.leaving:
+            return
+        try:
+            status = client.out.release()
+        except OSError as exc:
+            self._write_failed(client, exc)
+            return
+        if status:
+            self._pushed(client, status)
+        self._wrote(client)
 
     def _admitted(self, credentials: tuple[int, int, int] | None) -> bool:
         if self.allow_uids is None and self.allow_gids is None:
             return True
         if credentials is None:
             return False
-        _, uid, gid = credentials
-        return bool((self.allow_uids and uid in self.allow_uids)
-                    or (self.allow_gids and gid in self.allow_gids))
+        pid, uid, gid = credentials
+        if self.allow_uids and uid in self.allow_uids:
+            return True
+        if not self.allow_gids:
+            return False
+        return gid in self.allow_gids or not self.allow_gids.isdisjoint(
+            _supplementary_groups(pid))
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         """EMFILE/ENFILE: refuse the waiting client with the spare descriptor so it gets
@@ -1662,6 +1777,8 @@ class Relay:
         before = scanner.messages_in
         pos = scanner.scan(client, buffer, end)
         client.messages_in += scanner.messages_in - before
+        if client.joining:
+            self._joined(client)
         if pos == end and len(buffer) == BUFFER_SIZE:
             client.fill = 0  # the common case of _keep_rest: nothing left over
         elif pos >= 0:
@@ -1833,8 +1950,12 @@ class Relay:
             return
         if not out.pending:
             self._watch_writes(client, False)
+        self._wrote(client)
+
+    def _wrote(self, client: Client) -> None:
+        """Its queue shrank: back under low water, it no longer holds a pause."""
         holders = self.backpressure.holders
-        if holders and client in holders and out.under_low_water():
+        if holders and client in holders and client.out.under_low_water():
             self._unhold(client)
 
     def _write_failed(self, client: Client, exc: OSError) -> None:
@@ -1999,6 +2120,10 @@ class Relay:
             return
         if client.leaving:
             return  # its write failed: it is never subscribed again
+        if replay is not None and client.out.replaying():
+            self._refuse(client, "RELAY_SUBSCRIBE with a RELAY_REPLAY while an earlier "
+                         "replay is still being sent", pos, True)
+            return
         before = (client.mode, client.types, client.bridge)
         client.subscribed = logic.encode_tlvs(tlvs[:1]) if replay is None else b""
         client.mode = subscription.mode
@@ -2029,10 +2154,6 @@ class Relay:
         """Queue the retained messages the client asked for, then the RELAY_LIVE
         marker; live traffic follows (the seam: nothing twice, nothing missed)."""
         out = client.out
-        if out.replaying():
-            self._refuse(client, "RELAY_REPLAY while an earlier replay is still being "
-                         "sent", pos, True)
-            return
         history = self.history
         if history is None or client.mode == SUBSCRIBE_NONE:
             entries: collections.deque[Entry] = collections.deque()
@@ -2044,8 +2165,16 @@ class Relay:
                     client.since <= history.serial):
                 received.append((client.since, history.serial + 1, client.mode,
                                  client.types, client.bridge))
-            entries, found = history.select(client, replay, received)
+            entries, found, cut = history.select(client, replay, received, client.replays)
+            if cut is not None:
+                client.replays.append((*cut, history.serial + 1, client.mode, client.types,
+                                       client.bridge, replay.since_ns))
+                oldest = history.chunks[0][2]
+                client.replays = [r for r in client.replays[-REPLAYS_KEPT:] if r[2] > oldest]
             trimmed = history.trimmed
+            if replay.since_ns and history.chunks and (
+                    HEADER.unpack_from(history.chunks[0][0])[6] <= replay.since_ns):
+                trimmed = 0  # the time bound falls inside the ring: nothing asked for left it
         unavailable = min(replay.last - found, trimmed) if replay.last > found else 0
         self.notice_sequence += 1
         marker = logic.live_message(found, unavailable, source=self.relay_source,
@@ -2094,16 +2223,26 @@ class Relay:
             return
         if client.leaving:
             return
+        if client.out.bytes > self.queue_bytes:
+            # Replies are never dropped, so a client that asks and never reads would
+            # grow its queue without bound: it gets no answer until it drains.
+            self._refuse(client, f"query not answered: {client.out.bytes} bytes already "
+                         f"wait for it, over --queue-bytes {self.queue_bytes}", pos, True)
+            return
         report = self.report(what)
         report["you"] = client.id
         document = json.dumps(report, separators=(",", ":")).encode()
         while len(document) > logic.MAX_MESSAGE_SIZE - HEADER_SIZE - 5 * (
                 len(document) // logic.MAX_TLV_VALUE_SIZE + 1) and report.get("clients"):
-            # One frame holds at most 1 MiB: leave out the oldest connections.
+            # One frame holds at most 1 MiB: leave out the oldest connections (never
+            # the asker, which looks itself up: send and replay do).
             clients = report["clients"]
-            keep = len(clients) * 3 // 4
-            report["clients_left_out"] = report.get("clients_left_out", 0) + len(clients) - keep
-            report["clients"] = clients[:keep]
+            drop = max(1, len(clients) // 4)
+            kept = [c for c in clients if c["id"] == client.id]
+            others = [c for c in clients if c["id"] != client.id]
+            report["clients_left_out"] = report.get("clients_left_out", 0) + min(
+                drop, len(others))
+            report["clients"] = others[drop:] + kept
             document = json.dumps(report, separators=(",", ":")).encode()
         self.notice_sequence += 1
         frame = logic.report_message(document, source=self.relay_source,
@@ -2120,11 +2259,11 @@ class Relay:
                 "closed": list(self.closed_clients)}
 
     def _relay_info(self) -> dict[str, Any]:
-        now = time.time()
         return {
             "name": self.logic.name, "domain": self.domain, "socket": self.socket_path,
             "pid": os.getpid(), "version": __version__, "started_at": self.started_at,
-            "uptime_s": round(now - self.started_at, 3), "overflow": self.overflow,
+            "uptime_s": round(_monotonic() - self.started_monotonic, 3),
+            "overflow": self.overflow,
             "checksum": self.logic.checksum, "max_message_size": self.max_message_size,
             "queue_limit": self.queue_limit, "queue_bytes": self.queue_bytes,
             "max_connections": self.max_connections, "paused": self.backpressure.paused,
@@ -2160,6 +2299,7 @@ class Relay:
             return
         client.closed = True
         client.leaving = True
+        self.joiners.pop(client, None)
         try:
             self.selector.unregister(client.sock)
         except (KeyError, ValueError):
@@ -2459,6 +2599,20 @@ class _Received:
         return FrameBatch(data, offsets)
 
 
+def _refusal(sock: socket.socket) -> str | None:
+    """The Error frame a relay sent before closing a connection it refused, if any."""
+    try:
+        sock.settimeout(0.2)
+        data = sock.recv(RECV_BYTES)
+        header, tlvs = logic.parse_message(data[:HEADER_SIZE + logic.parse_header(data)
+                                               .payload_size])
+    except (OSError, ProtocolError):
+        return None
+    if header.relay_domain == Domain.SYSTEM and tlvs and tlvs[0][0] == logic.TLV_ERROR:
+        return logic.decode_error(tlvs[0][1])
+    return None
+
+
 class _ClientBase:
     """What the blocking and the asyncio client share: the options, the subscription
     they send on every connect, the frames received, and the reconnect schedule."""
@@ -2500,6 +2654,13 @@ class _ClientBase:
             return ConnectionError(
                 f"no relay is listening on {self.path} ({exc.strerror}); start one with: "
                 f"python relay.py --domain NAME --socket {self.path}")
+        if isinstance(exc, ConnectionRefusedError) and (exc.strerror or "").startswith(
+                "refused:"):
+            return ConnectionError(f"the relay on {self.path} {exc.strerror}")
+        if isinstance(exc, BrokenPipeError | ConnectionResetError):
+            return ConnectionError(
+                f"the relay on {self.path} closed the connection at once: it may refuse "
+                f"this user (uid {os.getuid()}; see its --allow-uid / --allow-gid)")
         if isinstance(exc, PermissionError):
             return ConnectionError(
                 f"may not connect to {self.path} ({exc.strerror}): the socket's mode or "
@@ -2615,6 +2776,12 @@ class RelayClient(_ClientBase):
             if subscription is not None:
                 sock.sendall(subscription)
             sock.settimeout(self.timeout)
+        except (BrokenPipeError, ConnectionResetError):
+            refusal = _refusal(sock)
+            sock.close()
+            if refusal:
+                raise ConnectionRefusedError(errno.ECONNREFUSED, refusal) from None
+            raise
         except BaseException:
             sock.close()
             raise
@@ -3002,6 +3169,7 @@ class AsyncRelayClient(_ClientBase):
 VENUES = {100: "Binance", 101: "Kraken", 102: "Coinbase", 202: "Polygon"}
 FIXED_POINT = 100_000_000  # 8 decimals
 QUERY_TIMEOUT_S = 5.0  # how long stats / clients / send wait for the relay's answer
+MIN_RATE = 0.001  # --rate / --speed: the slowest (one message in 1000 s)
 REPLAY_CHUNK_BYTES = 1 << 20  # replay reads a recording this much at a time
 SEND_BATCH_MESSAGES = 1000
 EXIT_INTERRUPTED = 130  # send / replay stopped by Ctrl-C or SIGTERM before the end
@@ -3052,6 +3220,8 @@ def _tlv_fields(tlv_type: int, value: bytes) -> dict[str, Any]:
             return dict(logic.decode_live(value)._asdict())
         if tlv_type == logic.CLIENT_RECONNECTED:
             return dict(logic.decode_reconnected(value)._asdict())
+        if tlv_type == logic.TLV_ERROR:
+            return {"text": logic.decode_error(value)}
     except ProtocolError:
         return {"malformed": True}
     return {}
@@ -3082,9 +3252,13 @@ def format_line(frame: bytes) -> str:
             return (f"{d['time']} GAP: {first.get('dropped')} messages lost for this "
                     f"consumer ({first.get('total_dropped')} in total)")
         if first["type"] == logic.RELAY_LIVE:
+            hint = (" (does the relay run with --retain?)"
+                    if not first.get("replayed") and first.get("unavailable") else "")
             return (f"{d['time']} LIVE: the replay held {first.get('replayed')} messages "
-                    f"({first.get('unavailable')} asked for were no longer retained); "
+                    f"({first.get('unavailable')} asked for were no longer retained{hint}); "
                     "live traffic follows")
+        if first["type"] == logic.TLV_ERROR and d["source"] in RELAY_SOURCE.values():
+            return f"{d['time']} ERROR from the relay: {first.get('text')}"
         if first["type"] == logic.CLIENT_RECONNECTED:
             return (f"{d['time']} RECONNECTED after {first.get('outage_ns', 0) / 1e9:.3f} s "
                     f"({first.get('attempts')} attempts): messages sent meanwhile are lost")
@@ -3122,12 +3296,25 @@ def query(path: str, what: int, timeout: float = QUERY_TIMEOUT_S) -> dict[str, A
     ``logic.QUERY_CLIENTS``) as a dict; ``ConnectionError`` / ``TimeoutError`` say why
     not. The asking connection is publish-only."""
     with RelayClient(path, publish_only=True, timeout=timeout) as client:
-        client.send(logic.query_message(what))
-        return await_report(client, timeout)
+        try:
+            client.send(logic.query_message(what))
+            return await_report(client, timeout)
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            raise ConnectionError(f"the relay on {path} closed the connection without "
+                                  "answering") from None
+
+
+def relay_error(frame: bytes) -> str | None:
+    """The text of an Error frame a relay sent (it refused the connection), or None."""
+    header = logic.parse_header(frame)
+    if header.relay_domain != Domain.SYSTEM or logic.first_tlv_type(frame) != logic.TLV_ERROR:
+        return None
+    return logic.decode_error(logic.parse_message(frame).tlvs[0][1])
 
 
 def await_report(client: RelayClient, timeout: float = QUERY_TIMEOUT_S) -> dict[str, Any]:
-    """The next ``RELAY_REPORT`` the relay sends ``client`` (other frames are skipped)."""
+    """The next ``RELAY_REPORT`` the relay sends ``client`` (other frames are skipped);
+    ``ConnectionError`` if the relay refused the connection."""
     deadline = _monotonic() + timeout
     while True:
         try:
@@ -3135,6 +3322,9 @@ def await_report(client: RelayClient, timeout: float = QUERY_TIMEOUT_S) -> dict[
         except TimeoutError:
             raise TimeoutError(f"the relay on {client.path} did not answer a query within "
                                f"{timeout:g} s (a relay older than {__version__}?)") from None
+        refused = relay_error(frame)
+        if refused:
+            raise ConnectionError(f"the relay on {client.path} {refused}")
         header, tlvs = logic.parse_message(frame)
         if header.relay_domain == Domain.SYSTEM and tlvs and tlvs[0][0] == logic.RELAY_REPORT:
             return logic.decode_report(tlvs)
@@ -3187,8 +3377,9 @@ def prometheus_text(report: dict[str, Any]) -> str:
     for name, (section, text) in PROMETHEUS_GAUGES.items():
         metric = f"torq_relay_{name}"
         source = report[section].get(_GAUGE_SOURCE.get(name, name), 0)
+        number = int(source) if isinstance(source, bool | int) else repr(float(source))
         lines += [f"# HELP {metric} {text}", f"# TYPE {metric} gauge",
-                  f"{metric}{label} {float(source):g}"]
+                  f"{metric}{label} {number}"]
     return "\n".join(lines) + "\n"
 
 
@@ -3321,11 +3512,32 @@ def _seconds(text: str) -> float:
 
 
 def _rate(text: str) -> float:
+    """A rate or speed: 0 (as fast as possible), or at least MIN_RATE, finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value == 0 or MIN_RATE <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be 0 (as fast as possible) or a finite "
+                                         f"number of at least {MIN_RATE:g}, got {text}")
+    return value
+
+
+def _interval(text: str) -> float:
+    """How often to repeat: 0 (once) or a finite number of seconds."""
     value = _seconds(text)
     if math.isinf(value):
-        raise argparse.ArgumentTypeError("must be a finite number of messages per second "
-                                         "(0: as fast as possible)")
+        raise argparse.ArgumentTypeError("must be a finite number of seconds (0: once)")
     return value
+
+
+def _socket_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the socket path is empty (an unset variable?)")
+    if text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{text} ends in '/': name the socket file, e.g. "
+                                         f"{text}market_data.sock")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -3338,7 +3550,7 @@ def _positive_int(text: str) -> int:
 def _count(text: str) -> int:
     value = _integer(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -3398,7 +3610,7 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> 
     group.add_argument("--domain", type=_domain, default=d(_domain("market_data")),
                        metavar="NAME", help="the domain: "
                        f"{', '.join(sorted(logic.LOGICS))} (default: market_data)")
-    group.add_argument("--socket", default=d(None), metavar="PATH",
+    group.add_argument("--socket", type=_socket_path, default=d(None), metavar="PATH",
                        help="Unix socket path (default: the domain's, e.g. "
                        "/tmp/torq/market_data.sock)")
     group.add_argument("--log-level", type=_log_level, default=d("INFO"), metavar="L",
@@ -3532,7 +3744,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="the JSON object")
     output.add_argument("--prometheus", action="store_true",
                         help="the Prometheus text exposition format (torq_relay_* metrics)")
-    stats.add_argument("--watch", type=_seconds, default=0.0, metavar="S",
+    stats.add_argument("--watch", type=_interval, default=0.0, metavar="S",
                        help="ask again every S seconds, with rates (default: 0 = once)")
     _add_connection_options(stats, defaults=False)
     _add_relay_options(stats, defaults=False, hidden=True)
@@ -3655,6 +3867,9 @@ def _tail(args: argparse.Namespace, path: str) -> int:
     with RelayClient(path, subscribe=args.types, gap_notices=True, replay_last=args.last,
                      reconnect=args.reconnect) as client:
         for frame in client:  # read in batches (recv_many)
+            refused = relay_error(frame)
+            if refused:
+                raise ConnectionError(f"the relay on {path} {refused}")
             try:
                 line = json.dumps(describe(frame)) if args.json else format_line(frame)
             except ProtocolError as exc:
@@ -3671,20 +3886,21 @@ def _tail(args: argparse.Namespace, path: str) -> int:
 
 
 def _record(args: argparse.Namespace, path: str) -> int:
-    try:
+    _stop_on_sigterm()
+    client = RelayClient(path, subscribe=args.types, gap_notices=True, replay_last=args.last)
+    try:  # connected first: a relay that is not there must not cost an existing file
         out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
     except OSError as exc:
+        client.close()
         raise RelayError(f"cannot write {args.file}: {exc.strerror or exc}") from None
-    _stop_on_sigterm()
     frames = written = 0
     started = _monotonic()
     why = "the relay stopped"
     try:
-        with RelayClient(path, subscribe=args.types, gap_notices=True,
-                         replay_last=args.last) as client:
+        with client:
             while True:
                 timeout = None
-                if args.duration:
+                if args.duration and not math.isinf(args.duration):
                     timeout = args.duration - (_monotonic() - started)
                     if timeout <= 0:
                         why = f"--duration {args.duration:g} s"
@@ -3696,6 +3912,8 @@ def _record(args: argparse.Namespace, path: str) -> int:
                     continue
                 except EOFError:
                     break
+                if not frames and len(batch) == 1 and relay_error(batch[0]):
+                    raise ConnectionError(f"the relay on {path} {relay_error(batch[0])}")
                 offsets = batch.offsets
                 cut = len(offsets) - 1
                 if args.max_bytes and written + offsets[cut] - offsets[0] > args.max_bytes:
@@ -3734,12 +3952,18 @@ def _record(args: argparse.Namespace, path: str) -> int:
 # -- send and replay -----------------------------------------------------------------
 
 
-def _check_refused(client: RelayClient, sent: int, logic_: RelayLogic, path: str) -> int:
+def _check_refused(client: RelayClient, sent: int, what: str, path: str) -> int:
     """Ask the relay, after the data on the same connection, how many of this client's
-    frames it refused; say so and return 1 if any were (0 otherwise)."""
+    frames it refused (``what`` names the domains sent); say so and return 1 if any
+    were (0 otherwise)."""
     try:
         client.send(logic.query_message(logic.QUERY_CLIENTS))
         report = await_report(client)
+    except ConnectionError as exc:
+        if "refused" in str(exc):
+            raise
+        print(f"relay.py: warning: could not confirm delivery: {exc}", file=sys.stderr)
+        return 0
     except (TimeoutError, OSError, EOFError, ProtocolError) as exc:
         print(f"relay.py: warning: could not confirm delivery: {exc}", file=sys.stderr)
         return 0
@@ -3753,14 +3977,27 @@ def _check_refused(client: RelayClient, sent: int, logic_: RelayLogic, path: str
     why = []
     if filtered:
         why.append(f"{filtered} filtered: it serves {relay_info.get('name')} (domain "
-                   f"{relay_info.get('domain')}), these were {logic_.name} (domain "
-                   f"{logic_.domain}); pass the relay's --domain")
+                   f"{relay_info.get('domain')}), these were {what}; pass the relay's "
+                   "--domain")
     if invalid:
         why.append(f"{invalid} invalid (its checksum {relay_info.get('checksum')!r} or TLV "
                    "policy refused them)")
     print(f"relay.py: error: the relay on {path} refused {filtered + invalid} of {sent} "
           f"messages: {'; '.join(why)}", file=sys.stderr)
     return 1
+
+
+def _closed_while_sending(client: RelayClient, sent: int, total: int) -> str:
+    """Why the relay closed a publisher's connection: its Error frame, if it sent one."""
+    try:
+        for frame in client.recv_many(timeout=0.5):
+            refused = relay_error(frame)
+            if refused:
+                return f"the relay on {client.path} {refused}"
+    except (TimeoutError, EOFError, OSError):
+        pass
+    return (f"the relay on {client.path} closed the connection after {sent} of {total} "
+            "messages")
 
 
 def _send(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
@@ -3775,7 +4012,7 @@ def _send(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
                 n = min(batch, args.count - sent)
                 client.send_many(synthetic_messages(logic_, sent + 1, n, args.source))
                 sent += n
-                if args.rate > 0:
+                if args.rate > 0 and sent < args.count:
                     delay = started + sent / args.rate - _monotonic()
                     if delay > 0:
                         time.sleep(delay)
@@ -3783,10 +4020,12 @@ def _send(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int:
             print(f"interrupted: sent {sent} of {args.count} {logic_.name} messages to "
                   f"{path}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except (BrokenPipeError, ConnectionResetError):
+            raise ConnectionError(_closed_while_sending(client, sent, args.count)) from None
         elapsed = max(_monotonic() - started, 1e-9)
         print(f"sent {sent} {logic_.name} messages to {path} in {elapsed:.3f} s "
               f"({sent / elapsed:,.0f} msg/s)")
-        return _check_refused(client, sent, logic_, path)
+        return _check_refused(client, sent, f"{logic_.name} (domain {logic_.domain})", path)
 
 
 def _frames_of(source: Any, name: str) -> Iterator[tuple[int, bytes]]:
@@ -3830,20 +4069,23 @@ def _replay_file(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int
     _stop_on_sigterm()
     sent = skipped = 0
     started = _monotonic()
-    first_ts = 0
+    first_ts: int | None = None
+    domains: set[int] = set()
     pending: list[bytes] = []
     with source, RelayClient(path, publish_only=True, timeout=QUERY_TIMEOUT_S * 2) as client:
         try:
             try:
                 for _, frame in _frames_of(source, args.file):
-                    if FRAME_START.unpack_from(frame)[1] & 0xFF == Domain.SYSTEM:
+                    domain = FRAME_START.unpack_from(frame)[1] & 0xFF
+                    if domain == Domain.SYSTEM:
                         skipped += 1  # the relay's own frames: gap notices, markers
                         continue
+                    domains.add(domain)
                     if args.rate > 0:
                         due = started + sent / args.rate
                     elif args.speed > 0:
                         timestamp = HEADER.unpack_from(frame)[6]
-                        if not first_ts:
+                        if first_ts is None:
                             first_ts = timestamp
                         due = started + max(0, timestamp - first_ts) / 1e9 / args.speed
                     else:
@@ -3869,7 +4111,8 @@ def _replay_file(args: argparse.Namespace, logic_: RelayLogic, path: str) -> int
         elapsed = max(_monotonic() - started, 1e-9)
         print(f"replayed {sent} messages of {args.file} to {path} in {elapsed:.3f} s "
               f"({skipped} of the relay's own frames skipped)")
-        return _check_refused(client, sent, logic_, path)
+        what = " and ".join(f"{_domain_name(d)} (domain {d})" for d in sorted(domains))
+        return _check_refused(client, sent, what or "no data", path)
 
 
 # -- stats and clients ---------------------------------------------------------------

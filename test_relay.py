@@ -1258,7 +1258,10 @@ def test_client_over_max_connections_is_accepted_and_closed_at_once(start_relay,
     relay = start_relay(max_connections=3)
     first, second, third = (relay.client() for _ in range(3))
     relay.wait_clients(3)
-    with relay.client() as fourth:
+    with relay.client() as fourth:  # told why (an Error frame from the relay), then closed
+        header, tlvs = parse_message(fourth.recv())
+        assert (header.relay_domain, tlvs[0][0]) == (Domain.SYSTEM, logic.TLV_ERROR)
+        assert b"--max-connections 3" in tlvs[0][1]
         with pytest.raises(EOFError):
             fourth.recv()
     relay.wait_for(lambda: relay.stats().connections_rejected == 1)
