@@ -2624,6 +2624,7 @@ class _ClientBase:
                  reconnect: bool = False,
                  reconnect_timeout: float = RECONNECT_TIMEOUT_S) -> None:
         self.path = path
+        self.sock: socket.socket | None = None
         self.timeout = timeout
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
@@ -2682,6 +2683,45 @@ class _ClientBase:
             return ConnectionError(f"the relay closed the connection in the middle of a "
                                    f"frame ({buffered} bytes received)")
         return EOFError("the relay closed the connection")
+
+    def _drop(self) -> None:
+        """The connection failed: keep what the relay had already delivered into it,
+        then close it."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            sock.setblocking(False)
+            while data := sock.recv(RECV_BYTES):
+                self._received.feed(data)
+        except OSError:
+            pass
+        sock.close()
+
+    def fileno(self) -> int:
+        """The socket's descriptor, to watch it in your own selector (-1 while
+        reconnecting)."""
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def _buffered_frame(self) -> bytes | None:
+        """The next whole frame already received, or None."""
+        ready = self._ready
+        if not ready:
+            batch = self._received.take_batch()
+            if batch is None:
+                return None
+            ready.extend(batch.frames())
+        return ready.popleft()
+
+    def _buffered_batch(self, max_frames: int | None) -> FrameBatch | None:
+        """The whole frames already received (those ``recv`` cut come first), or None."""
+        if self._ready:
+            return self._take_ready(max_frames)
+        return self._received.take_batch(max_frames)
+
+    def _timed_out(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(f"no message from the relay within "
+                            f"{timeout if timeout is not None else self.timeout} s")
 
     def _take_ready(self, max_frames: int | None) -> FrameBatch:
         """The frames ``recv`` already cut, as a batch (a copy: rare)."""
@@ -2761,7 +2801,6 @@ class RelayClient(_ClientBase):
 
     def __init__(self, path: str, **options: Any) -> None:
         super().__init__(path, **options)
-        self.sock: socket.socket | None = None
         try:
             self.sock = self._open(self._deadline(None) or _monotonic() + CONNECT_TIMEOUT_S,
                                    self.subscription)
@@ -2807,20 +2846,6 @@ class RelayClient(_ClientBase):
                 continue
             self._reconnected()
         return self.sock
-
-    def _drop(self) -> None:
-        """The connection failed: keep what the relay had already delivered into it,
-        then close it."""
-        sock, self.sock = self.sock, None
-        if sock is None:
-            return
-        try:
-            sock.setblocking(False)
-            while data := sock.recv(RECV_BYTES):
-                self._received.feed(data)
-        except OSError:
-            pass
-        sock.close()
 
     def send(self, message: bytes | bytearray | memoryview) -> None:
         """Send one message (or any whole frames) to the relay. With reconnect=True a
@@ -2881,17 +2906,14 @@ class RelayClient(_ClientBase):
             # Shaped for speed: frames are cut a batch at a time and handed out one by
             # one, ~0.2 us a call instead of ~0.7 us cutting each on its own.
             return ready.popleft()
-        received = self._received
         deadline = self._deadline(timeout)
         while True:
-            batch = received.take_batch()
-            if batch is not None:
-                ready.extend(batch.frames())
-                return ready.popleft()
+            frame = self._buffered_frame()
+            if frame is not None:
+                return frame
             # Always one read, even with no time left: a frame may already be waiting.
             if not self._read(deadline):
-                raise TimeoutError(f"no message from the relay within "
-                                   f"{timeout if timeout is not None else self.timeout} s")
+                raise self._timed_out(timeout)
 
     def recv_batch(self, max_frames: int | None = None,
                    timeout: float | None = None) -> FrameBatch:
@@ -2899,20 +2921,13 @@ class RelayClient(_ClientBase):
         brings (more reads only while no frame is whole yet), as a ``FrameBatch``: at
         least one frame, at most ``max_frames``; ``TimeoutError`` / ``EOFError`` /
         ``ConnectionError`` as ``recv``."""
-        if self._ready:  # frames recv() cut already come first
-            return self._take_ready(max_frames)
-        received = self._received
-        batch = received.take_batch(max_frames)
-        if batch is not None:
-            return batch
         deadline = self._deadline(timeout)
         while True:
-            if not self._read(deadline):
-                raise TimeoutError(f"no message from the relay within "
-                                   f"{timeout if timeout is not None else self.timeout} s")
-            batch = received.take_batch(max_frames)
+            batch = self._buffered_batch(max_frames)
             if batch is not None:
                 return batch
+            if not self._read(deadline):
+                raise self._timed_out(timeout)
 
     def recv_many(self, max_frames: int | None = None,
                   timeout: float | None = None) -> list[bytes]:
@@ -2931,11 +2946,6 @@ class RelayClient(_ClientBase):
             except EOFError:
                 return
             yield frame
-
-    def fileno(self) -> int:
-        """The socket's descriptor, to watch it in your own selector (-1 while
-        reconnecting)."""
-        return self.sock.fileno() if self.sock is not None else -1
 
     def close(self) -> None:
         """Close the connection."""
@@ -2962,10 +2972,6 @@ class AsyncRelayClient(_ClientBase):
             frames = await client.recv_many()
             async for frame in client: ...
     """
-
-    def __init__(self, path: str, **options: Any) -> None:
-        super().__init__(path, **options)
-        self.sock: socket.socket | None = None
 
     @classmethod
     async def connect(cls, path: str, **options: Any) -> AsyncRelayClient:
@@ -3023,19 +3029,6 @@ class AsyncRelayClient(_ClientBase):
                 continue
             self._reconnected()
         return self.sock
-
-    def _drop(self) -> None:
-        """The connection failed: keep what the relay had already delivered into it,
-        then close it."""
-        sock, self.sock = self.sock, None
-        if sock is None:
-            return
-        try:
-            while data := sock.recv(RECV_BYTES):  # non-blocking: only what is there
-                self._received.feed(data)
-        except OSError:
-            pass
-        sock.close()
 
     async def send(self, message: bytes | bytearray | memoryview) -> None:
         """Send one message (or any whole frames) to the relay; ``TimeoutError``
@@ -3102,34 +3095,24 @@ class AsyncRelayClient(_ClientBase):
         ready = self._ready
         if ready:
             return ready.popleft()
-        received = self._received
         deadline = self._deadline(timeout)
         while True:
-            batch = received.take_batch()
-            if batch is not None:
-                ready.extend(batch.frames())
-                return ready.popleft()
+            frame = self._buffered_frame()
+            if frame is not None:
+                return frame
             if not await self._read(deadline):
-                raise TimeoutError(f"no message from the relay within "
-                                   f"{timeout if timeout is not None else self.timeout} s")
+                raise self._timed_out(timeout)
 
     async def recv_batch(self, max_frames: int | None = None,
                          timeout: float | None = None) -> FrameBatch:
         """As ``RelayClient.recv_batch``."""
-        if self._ready:  # frames recv() cut already come first
-            return self._take_ready(max_frames)
-        received = self._received
-        batch = received.take_batch(max_frames)
-        if batch is not None:
-            return batch
         deadline = self._deadline(timeout)
         while True:
-            if not await self._read(deadline):
-                raise TimeoutError(f"no message from the relay within "
-                                   f"{timeout if timeout is not None else self.timeout} s")
-            batch = received.take_batch(max_frames)
+            batch = self._buffered_batch(max_frames)
             if batch is not None:
                 return batch
+            if not await self._read(deadline):
+                raise self._timed_out(timeout)
 
     async def recv_many(self, max_frames: int | None = None,
                         timeout: float | None = None) -> list[bytes]:
@@ -3148,10 +3131,6 @@ class AsyncRelayClient(_ClientBase):
             except EOFError:
                 return
             yield frame
-
-    def fileno(self) -> int:
-        """The socket's descriptor (-1 while reconnecting)."""
-        return self.sock.fileno() if self.sock is not None else -1
 
     async def close(self) -> None:
         """Close the connection."""
