@@ -47,7 +47,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import logic
 from logic import HEADER, HEADER_SIZE, RELAY_GAP, RELAY_LIVE, Domain, ProtocolError, RelayLogic
-from relay import AsyncRelayClient, FrameBatch
+from relay import (
+    AsyncRelayClient,
+    FrameBatch,
+    count_argument,
+    domain_argument,
+    log_level_argument,
+    seconds_argument,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -1098,21 +1105,6 @@ class _OneLine(logging.Filter):
         return True
 
 
-def _domain(text: str) -> RelayLogic:
-    try:
-        return logic.get_logic(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _log_level(text: str) -> str:
-    level = text.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise argparse.ArgumentTypeError(
-            f"unknown log level {text!r}; use debug, info, warning, error or critical")
-    return level
-
-
 def _urls(text: str) -> list[str]:
     urls = [url.strip() for url in text.split(",") if url.strip()]
     if not urls:
@@ -1136,26 +1128,6 @@ def _prefix(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
-    return value
-
-
 def _add_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Options accepted before or after the command (SUPPRESS in the sub-command, so
     they never overwrite what came before it)."""
@@ -1163,7 +1135,7 @@ def _add_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         return value if defaults else argparse.SUPPRESS
 
     add = parser.add_argument
-    add("--domain", type=_domain, default=d(_domain("market_data")), metavar="NAME",
+    add("--domain", type=domain_argument, default=d(domain_argument("market_data")), metavar="NAME",
         help=f"the domain: {', '.join(sorted(logic.LOGICS))} (default: market_data)")
     add("--nats", type=_urls, default=d(None), metavar="URL[,URL...]",
         help="the host's NATS servers, all of them for reconnects (required)")
@@ -1174,7 +1146,7 @@ def _add_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         help="this host's name in subjects (default: the hostname, dots as _)")
     add("--subject-prefix", type=_prefix, default=d(SUBJECT_PREFIX), metavar="P",
         help=f"subjects are P.DOMAIN.HOST (default: {SUBJECT_PREFIX})")
-    add("--log-level", type=_log_level, default=d("INFO"), metavar="L",
+    add("--log-level", type=log_level_argument, default=d("INFO"), metavar="L",
         help="debug, info, warning, error or critical (default: info)")
 
 
@@ -1197,13 +1169,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transport", choices=TRANSPORTS, default=None,
                         help="core NATS or JetStream (default: JetStream for a backpressure "
                         "domain, i.e. execution; core NATS otherwise)")
-    parser.add_argument("--stats-interval", type=_seconds, default=STATS_INTERVAL_S,
+    parser.add_argument("--stats-interval", type=seconds_argument, default=STATS_INTERVAL_S,
                         metavar="S", help=f"log a stats line every S seconds, 0 = never "
                         f"(default: {STATS_INTERVAL_S:g}); SIGUSR1 logs one at once")
     parser.add_argument("--stream-replicas", type=int, choices=(1, 3, 5), default=1,
                         help="JetStream: replicas of a stream this bridge creates (default: "
                         "1; 3 on a cluster to survive a node)")
-    parser.add_argument("--max-lag", type=_count, default=MAX_LAG_BATCHES, metavar="N",
+    parser.add_argument("--max-lag", type=count_argument, default=MAX_LAG_BATCHES, metavar="N",
                         help="JetStream: hold publishing while another live host is more "
                         f"than N batches behind, 0 = never (default: {MAX_LAG_BATCHES})")
     commands = parser.add_subparsers(dest="command", metavar="{run,stats}")

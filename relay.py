@@ -3455,14 +3455,16 @@ def _octal(text: str) -> int:
     return mode
 
 
-def _domain(text: str) -> RelayLogic:
+def domain_argument(text: str) -> RelayLogic:
+    """An argparse type: a registered domain's name, as a new logic object."""
     try:
         return logic.get_logic(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _log_level(text: str) -> str:
+def log_level_argument(text: str) -> str:
+    """An argparse type: a logging level name in any case."""
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise argparse.ArgumentTypeError(
@@ -3485,8 +3487,8 @@ def _message_size(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    """A duration: 0 or more seconds; ``inf`` means never."""
+def seconds_argument(text: str) -> float:
+    """An argparse type: a duration, 0 or more seconds (``inf``: never; not ``nan``)."""
     try:
         value = float(text)
     except ValueError:
@@ -3510,7 +3512,7 @@ def _rate(text: str) -> float:
 
 def _interval(text: str) -> float:
     """How often to repeat: 0 (once) or a finite number of seconds."""
-    value = _seconds(text)
+    value = seconds_argument(text)
     if math.isinf(value):
         raise argparse.ArgumentTypeError("must be a finite number of seconds (0: once)")
     return value
@@ -3532,7 +3534,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
+def count_argument(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
     value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
@@ -3592,13 +3595,13 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> 
         return value if defaults else argparse.SUPPRESS
 
     group = parser.add_argument_group("connection") if not defaults else parser
-    group.add_argument("--domain", type=_domain, default=d(_domain("market_data")),
+    group.add_argument("--domain", type=domain_argument, default=d(domain_argument("market_data")),
                        metavar="NAME", help="the domain: "
                        f"{', '.join(sorted(logic.LOGICS))} (default: market_data)")
     group.add_argument("--socket", type=_socket_path, default=d(None), metavar="PATH",
                        help="Unix socket path (default: the domain's, e.g. "
                        "/tmp/torq/market_data.sock)")
-    group.add_argument("--log-level", type=_log_level, default=d("INFO"), metavar="L",
+    group.add_argument("--log-level", type=log_level_argument, default=d("INFO"), metavar="L",
                        help="debug, info, warning, error or critical (default: info)")
     group.add_argument("--log-format", choices=("text", "json"), default=d("text"),
                        help="text lines, or one JSON object per line for log shippers "
@@ -3629,10 +3632,10 @@ def _add_relay_options(parser: argparse.ArgumentParser, defaults: bool,
         help=h("slow-consumer policy (default: the domain's)"))
     add("--max-message-size", type=_message_size, default=d(None), metavar="N",
         help=h("largest frame in bytes, header included (default: the domain's)"))
-    add("--stall-timeout", type=_seconds, default=d(STALL_TIMEOUT_S), metavar="S",
+    add("--stall-timeout", type=seconds_argument, default=d(STALL_TIMEOUT_S), metavar="S",
         help=h("backpressure: disconnect a client with no write progress for S seconds "
                f"while paused; inf = never (default: {STALL_TIMEOUT_S})"))
-    add("--drain-timeout", type=_seconds, default=d(DRAIN_TIMEOUT_S), metavar="S",
+    add("--drain-timeout", type=seconds_argument, default=d(DRAIN_TIMEOUT_S), metavar="S",
         help=h("on shutdown, flush pending data for up to S seconds; inf = until done or a "
                f"second stop signal (default: {DRAIN_TIMEOUT_S})"))
     add("--socket-mode", type=_octal, default=d(SOCKET_MODE), metavar="MODE",
@@ -3642,14 +3645,14 @@ def _add_relay_options(parser: argparse.ArgumentParser, defaults: bool,
                "besides the file mode (default: no check)"))
     add("--allow-gid", type=_ids("gid"), default=d(None), metavar="GID[,GID...]",
         help=h("admit only peers with one of these group ids or names (default: no check)"))
-    add("--retain", type=_count, default=d(0), metavar="N",
+    add("--retain", type=count_argument, default=d(0), metavar="N",
         help=h("keep the last N messages for late joiners' replays (default: 0 = off)"))
     add("--retain-bytes", type=_positive_int, default=d(RETAIN_BYTES), metavar="B",
         help=h(f"and at most B bytes of them (default: {RETAIN_BYTES} = 64 MiB)"))
-    add("--stats-interval", type=_seconds, default=d(STATS_INTERVAL_S), metavar="S",
+    add("--stats-interval", type=seconds_argument, default=d(STATS_INTERVAL_S), metavar="S",
         help=h(f"log a stats line every S seconds, 0 = never (default: "
                f"{STATS_INTERVAL_S:g}); SIGUSR1 logs one at once"))
-    add("--busy-poll-us", type=_seconds, default=d(BUSY_POLL_S * 1e6), metavar="US",
+    add("--busy-poll-us", type=seconds_argument, default=d(BUSY_POLL_S * 1e6), metavar="US",
         help=h("after traffic, poll without sleeping for US microseconds: lower latency "
                f"for a little CPU, 0 = always sleep (default: {BUSY_POLL_S * 1e6:g})"))
 
@@ -3694,7 +3697,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail = command("tail", "print each message, decoded, one per line",
                    "Print each message the relay forwards, decoded, one line each (gap "
                    "notices included), until --count or the relay stops.")
-    tail.add_argument("--count", type=_count, default=0, metavar="N",
+    tail.add_argument("--count", type=count_argument, default=0, metavar="N",
                       help="stop after N lines (default: 0 = until the relay stops)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument("--type", type=_tlv_type, action="append", dest="types", metavar="T",
@@ -3702,7 +3705,7 @@ def build_parser() -> argparse.ArgumentParser:
                       + ", ".join(f"{name} ({number})" for number, name
                                   in sorted(TLV_NAMES.items()) if number < 100)
                       + " (repeatable; default: all)")
-    tail.add_argument("--last", type=_count, default=None, metavar="N",
+    tail.add_argument("--last", type=count_argument, default=None, metavar="N",
                       help="first the last N messages the relay retained (it runs with "
                       "--retain), then live traffic (default: live only)")
     tail.add_argument("--reconnect", action="store_true",
@@ -3745,16 +3748,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "Write every frame the relay forwards to FILE as received (gap "
                      "notices included, so a recording shows its own holes).")
     record.add_argument("file", metavar="FILE", help="where to write; - for stdout")
-    record.add_argument("--count", type=_count, default=0, metavar="N",
+    record.add_argument("--count", type=count_argument, default=0, metavar="N",
                         help="stop after N frames (default: 0 = no limit)")
-    record.add_argument("--duration", type=_seconds, default=0.0, metavar="S",
+    record.add_argument("--duration", type=seconds_argument, default=0.0, metavar="S",
                         help="stop after S seconds (default: 0 = no limit)")
-    record.add_argument("--max-bytes", type=_count, default=0, metavar="B",
+    record.add_argument("--max-bytes", type=count_argument, default=0, metavar="B",
                         help="stop before the file would pass B bytes (default: 0 = no limit)")
     record.add_argument("--type", type=_tlv_type, action="append", dest="types", metavar="T",
                         help="only messages whose first TLV type is T, a number or a name "
                         "as for tail (repeatable; default: all)")
-    record.add_argument("--last", type=_count, default=None, metavar="N",
+    record.add_argument("--last", type=count_argument, default=None, metavar="N",
                         help="begin with the last N messages the relay retained "
                         "(default: live only)")
     _add_connection_options(record, defaults=False)
