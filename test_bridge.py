@@ -41,8 +41,8 @@ import pytest
 
 import bridge
 import logic
-from conftest import HERE, TIMEOUT_S, domain_of, sequence_of, source_of, wait_until
-from logic import RELAY_GAP, Domain
+from conftest import HERE, TIMEOUT_S, domain_of, gap_of, sequence_of, source_of, wait_until
+from logic import Domain
 from relay import RelayClient
 
 try:
@@ -325,11 +325,10 @@ class Collector:
                 return
             for frame in frames:
                 if domain_of(frame) == Domain.SYSTEM:
-                    _, tlvs = logic.parse_message(frame)
-                    if tlvs[0][0] == RELAY_GAP:
-                        dropped = logic.decode_gap(tlvs[0][1]).dropped
-                        self.told_lost += dropped
-                        self.events.append(("gap", dropped))
+                    gap = gap_of(frame)
+                    if gap is not None:
+                        self.told_lost += gap.dropped
+                        self.events.append(("gap", gap.dropped))
                 else:
                     self.frames.append(frame)
                     self.events.append(("data", sequence_of(frame)))

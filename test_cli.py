@@ -25,7 +25,22 @@ from typing import Any
 import pytest
 
 import logic
-from conftest import TIMEOUT_S, leave_stale_socket, relay_command, wait_for_socket, wait_until
+from conftest import (
+    PRICE,
+    TIMEOUT_S,
+    Cli,
+    finish,
+    gas_message,
+    leave_stale_socket,
+    publish_past_a_stopped_consumer,
+    read_text,
+    run_cli,
+    stop,
+    trade_message,
+    wait_for_socket,
+    wait_subscribed,
+    wait_until,
+)
 from logic import (
     TLV_GAS_PRICE,
     TLV_TRADE,
@@ -33,60 +48,21 @@ from logic import (
     ExecutionLogic,
     build_message,
     decode_gap,
-    gas_price,
     parse_message,
-    trade,
     verify_checksum,
 )
 from relay import RelayClient
-
-Cli = Callable[..., "subprocess.Popen[str]"]
 
 GLOBAL_OPTIONS = (
     "--domain", "--socket", "--queue-limit", "--queue-bytes", "--max-connections",
     "--overflow", "--max-message-size", "--stall-timeout", "--drain-timeout",
     "--socket-mode", "--stats-interval", "--log-level",
 )
-PRICE = 4_500_000_000_000  # 45000.00000000 in fixed point (8 decimals)
-TIMESTAMP_NS = 1_700_000_000_000_000_000  # 2023-11-14T22:13:20Z
 SENT_LINE = re.compile(r"sent (\d+) (\w+) messages to (\S+) in ([\d.]+) s \(([\d,]+) msg/s\)")
 
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-def finish(process: subprocess.Popen[str], timeout: float = TIMEOUT_S) -> tuple[int, str, str]:
-    """Wait for ``process`` to exit on its own: (exit code, stdout, stderr)."""
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out or "", err or ""
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python relay.py ARGS`` to completion (for commands that exit by themselves)."""
-    return subprocess.run(relay_command(*args), capture_output=True, text=True,
-                          timeout=TIMEOUT_S * 2, cwd=os.path.dirname(__file__))
-
-
-def trade_message(sequence: int, *, side: int = 0, price: int = PRICE,
-                  source: int = logic.Source.BINANCE) -> bytes:
-    return build_message(Domain.MARKET_DATA, source, [
-        trade(0x1234, price, 100_000_000, TIMESTAMP_NS, 100, 50, side)],
-        sequence=sequence, timestamp_ns=TIMESTAMP_NS)
-
-
-def gas_message(sequence: int) -> bytes:
-    return build_message(Domain.MARKET_DATA, logic.Source.POLYGON, [
-        gas_price(19_000_000, TIMESTAMP_NS, 30, 25, 5, 202)], sequence=sequence,
-        timestamp_ns=TIMESTAMP_NS)
 
 
 def exchange(path: str, message: bytes | None = None) -> None:
@@ -113,11 +89,6 @@ def start_serving(cli: Cli, *args: str, path: str, **kwargs: Any) -> subprocess.
         raise AssertionError(f"relay did not start; stderr: {err}") from None
     exchange(path)
     return process
-
-
-def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> tuple[int, str, str]:
-    process.send_signal(signum)
-    return finish(process)
 
 
 def option_help(help_text: str, option: str) -> str:
@@ -414,13 +385,6 @@ def test_relay_creates_a_missing_parent_directory_private_to_the_user(
 # ---------------------------------------------------------------------------------------
 
 
-def wait_subscribed(running: Any, clients: int = 1) -> None:
-    """Wait until ``clients`` clients have connected and sent their RELAY_SUBSCRIBE
-    (control frames count in messages_in)."""
-    running.wait_for(lambda: running.stats().connections_active >= clients
-                     and running.stats().messages_in >= clients)
-
-
 def test_tail_count_3_prints_three_decoded_lines_and_exits_0(
         cli: Cli, start_relay: Callable[..., Any], socket_path: str) -> None:
     running = start_relay()
@@ -498,20 +462,7 @@ def test_tail_prints_a_visible_gap_line_and_the_gaps_add_up_to_what_it_lost(
     out_path = os.path.join(socket_dir, "tail.out")
     with open(out_path, "w") as out_file:
         tail = cli("tail", "--socket", socket_path, stdout=out_file)
-    wait_subscribed(running)
-    tail.send_signal(signal.SIGSTOP)
-    sent = 0
-    try:
-        with running.client(publish_only=True) as producer:
-            deadline = time.monotonic() + TIMEOUT_S
-            while running.stats().messages_dropped == 0:
-                assert time.monotonic() < deadline, f"no drop: {running.stats()}"
-                producer.send_many([trade_message(sent + i + 1) for i in range(1000)])
-                sent += 1000
-                time.sleep(0.01)
-            running.wait_for(lambda: running.stats().messages_in >= sent + 2)
-    finally:
-        tail.send_signal(signal.SIGCONT)
+    sent = publish_past_a_stopped_consumer(running, tail, trade_message)
 
     def tally() -> tuple[int, int, list[str]]:
         lines = read_text(out_path).splitlines()

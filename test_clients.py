@@ -31,7 +31,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import termios
 import threading
 import time
@@ -41,7 +40,22 @@ from typing import Any
 import pytest
 
 import logic
-from conftest import TIMEOUT_S, RunningRelay, domain_of, sequence_of, wait_until
+from conftest import (
+    SHORT_S,
+    TIMEOUT_S,
+    TS,
+    Cli,
+    FakeRelay,
+    RunningRelay,
+    StartRelay,
+    domain_of,
+    gas_message,
+    read_text,
+    sequence_of,
+    trade_message,
+    wait_subscribed,
+    wait_until,
+)
 from logic import (
     CLIENT_RECONNECTED,
     HEADER,
@@ -54,21 +68,13 @@ from logic import (
     TLV_TRADE,
     Domain,
     ProtocolError,
-    build_message,
     decode_live,
     decode_reconnected,
     decode_subscribe,
-    gas_price,
     parse_message,
-    trade,
 )
 from relay import SPLIT_FRAMES, AsyncRelayClient, FrameBatch, RelayClient
 
-StartRelay = Callable[..., RunningRelay]
-Cli = Callable[..., subprocess.Popen[str]]
-
-TS = 1_700_000_000_000_000_000  # a fixed header timestamp: frames built twice are equal
-SHORT_S = 0.1  # how long "nothing more arrives" is given, once the peer is known idle
 BIG_MESSAGE = 1 << 20  # max_message_size for relays that carry frames over 64 KiB
 BAD_MAGIC = 0x0BADF00D
 FLAVOURS = ("blocking", "asyncio")
@@ -90,18 +96,6 @@ def frame(seq: int, size: int = 64, *, source: int = 1) -> bytes:
 def frames_of(sizes: Sequence[int], first_seq: int = 1) -> list[bytes]:
     """One ``frame`` per size, numbered from ``first_seq``."""
     return [frame(seq, size) for seq, size in enumerate(sizes, first_seq)]
-
-
-def trade_frame(seq: int) -> bytes:
-    """A valid Trade message (``tail`` decodes it; subscriptions see its TLV type)."""
-    return build_message(Domain.MARKET_DATA, 1, [
-        trade(0x1234, 45_000 * 10**8, 10**8, TS, 100, 50, 0)], sequence=seq, timestamp_ns=TS)
-
-
-def gas_frame(seq: int) -> bytes:
-    """A valid GasPrice message (first TLV type 18, not a Trade)."""
-    return build_message(Domain.MARKET_DATA, 4, [gas_price(19_000_000, TS, 30, 25, 5, 202)],
-                         sequence=seq, timestamp_ns=TS)
 
 
 def bad_magic(data: bytes) -> bytes:
@@ -230,62 +224,30 @@ class InThread(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------
-# Peers: a fake relay, a feeder, the asyncio client behind a blocking face
+# Peers: a feeder for the fake relay, the asyncio client behind a blocking face
 # ---------------------------------------------------------------------------------------
 
 
-class FakeRelay:
-    """A plain listening socket standing in for a relay, to feed a client exact bytes."""
+def feed(conn: socket.socket, client: Receiver, steps: Sequence[Step],
+         close: bool = True) -> InThread:
+    """Send ``steps`` to ``client`` over ``conn`` (a fake relay's connection) in a
+    thread; close ``conn`` after them (the client sees EOF) when ``close``."""
+    fd = client.fileno()
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.settimeout(TIMEOUT_S)
-        self.server.bind(path)
-        self.server.listen(8)
-        self.connections: list[socket.socket] = []
+    def run() -> None:
+        try:
+            for step in steps:
+                if isinstance(step, bytes):
+                    conn.sendall(step)
+                elif isinstance(step, Drain):
+                    wait_until(lambda: unread_bytes(fd) == 0, "the client to read")
+                else:
+                    assert step.wait(TIMEOUT_S * 2), "the test never released the feeder"
+        finally:
+            if close:
+                conn.close()
 
-    def accept(self) -> socket.socket:
-        """The next client's connection (it connected already: the backlog holds it)."""
-        conn, _ = self.server.accept()
-        conn.settimeout(TIMEOUT_S)
-        self.connections.append(conn)
-        return conn
-
-    def feed(self, conn: socket.socket, client: Receiver, steps: Sequence[Step],
-             close: bool = True) -> InThread:
-        """Send ``steps`` to ``client`` over ``conn`` in a thread; close ``conn`` after
-        them (the client sees EOF) when ``close``."""
-        fd = client.fileno()
-
-        def run() -> None:
-            try:
-                for step in steps:
-                    if isinstance(step, bytes):
-                        conn.sendall(step)
-                    elif isinstance(step, Drain):
-                        wait_until(lambda: unread_bytes(fd) == 0, "the client to read")
-                    else:
-                        assert step.wait(TIMEOUT_S * 2), "the test never released the feeder"
-            finally:
-                if close:
-                    conn.close()
-
-        return InThread(run)
-
-    def close(self) -> None:
-        for conn in self.connections:
-            conn.close()
-        self.server.close()
-
-
-@pytest.fixture
-def fake_relay(socket_path: str) -> Iterator[FakeRelay]:
-    relay = FakeRelay(socket_path)
-    try:
-        yield relay
-    finally:
-        relay.close()
+    return InThread(run)
 
 
 class AsyncAdapter:
@@ -430,7 +392,7 @@ def test_every_way_of_receiving_returns_the_same_frames_in_order_however_the_byt
     data = b"".join(frames)
     steps: list[Step] = cut_randomly(data, cutting) if cutting else [data]
     with open_client(flavour, fake_relay.path) as client:
-        feeder = fake_relay.feed(fake_relay.accept(), client, steps)
+        feeder = feed(fake_relay.accept(), client, steps)
         got, end = read_to_the_end(client, method, seed=cutting)
         feeder.finish()
         assert_same_frames(got, frames)
@@ -511,7 +473,7 @@ def test_a_frame_larger_than_one_read_arrives_whole_between_small_ones(
         fake_relay: FakeRelay, flavour: str, size: int) -> None:
     frames = frames_of([64, size, 64, 64, size, 100])
     with open_client(flavour, fake_relay.path) as client:
-        feeder = fake_relay.feed(fake_relay.accept(), client, [b"".join(frames)])
+        feeder = feed(fake_relay.accept(), client, [b"".join(frames)])
         got, end = read_to_the_end(client, "recv_many")
         feeder.finish()
         assert_same_frames(got, frames)
@@ -683,7 +645,7 @@ def test_a_timeout_keeps_a_partly_received_frame_and_the_client_usable(
     release = threading.Event()
     rng = random.Random(0)
     with open_client(flavour, fake_relay.path) as client:
-        feeder = fake_relay.feed(fake_relay.accept(), client,
+        feeder = feed(fake_relay.accept(), client,
                                  [before + split[:cut], release, split[cut:] + after])
         assert take(client, method, rng) == [before]
         with pytest.raises(TimeoutError):
@@ -957,8 +919,8 @@ def test_async_client_subscription_options_reach_the_relay(start_relay: StartRel
                                                   timeout=TIMEOUT_S) as consumer:
             relay.wait_for(lambda: relay.stats().messages_in >= 1)  # its RELAY_SUBSCRIBE
             with relay.client() as publisher:
-                publisher.send_many([gas_frame(1), trade_frame(2), gas_frame(3)])
-                assert await consumer.recv() == trade_frame(2)
+                publisher.send_many([gas_message(1), trade_message(2), gas_message(3)])
+                assert await consumer.recv() == trade_message(2)
                 relay.wait_for(lambda: relay.stats().messages_in >= 4)
                 with pytest.raises(TimeoutError):
                     await consumer.recv_many(timeout=SHORT_S)
@@ -1023,14 +985,14 @@ def test_the_subscription_is_sent_again_after_a_restart(start_relay: StartRelay,
     with open_client(flavour, relay.path, subscribe=[TLV_TRADE], reconnect=True) as consumer:
         relay.wait_for(lambda: relay.stats().messages_in >= 1)  # the RELAY_SUBSCRIBE
         with relay.client() as publisher:
-            publisher.send_many([gas_frame(1), trade_frame(2)])
-            assert consumer.recv() == trade_frame(2)
+            publisher.send_many([gas_message(1), trade_message(2)])
+            assert consumer.recv() == trade_message(2)
         relay = restart(start_relay, relay)
         reconnected(consumer.recv())
         relay.wait_for(lambda: relay.stats().messages_in >= 1)  # subscribed again
         with relay.client() as publisher:
-            publisher.send_many([gas_frame(3), trade_frame(4), gas_frame(5)])
-            assert consumer.recv() == trade_frame(4)
+            publisher.send_many([gas_message(3), trade_message(4), gas_message(5)])
+            assert consumer.recv() == trade_message(4)
             relay.wait_for(lambda: relay.stats().messages_in >= 4)
             with pytest.raises(TimeoutError):  # the gas prices stay filtered
                 consumer.recv_many(timeout=SHORT_S)
@@ -1211,35 +1173,21 @@ def test_replay_last_makes_the_client_receive_a_relay_live_marker(start_relay: S
 # ---------------------------------------------------------------------------------------
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-def subscribed(relay: RunningRelay, clients: int = 1) -> bool:
-    """``clients`` clients are connected and the relay read their RELAY_SUBSCRIBE."""
-    stats = relay.stats()
-    return stats.connections_active >= clients and stats.messages_in >= clients
-
-
 def test_tail_reconnect_survives_a_relay_restart_and_prints_a_reconnected_line(
         start_relay: StartRelay, cli: Cli, socket_path: str, socket_dir: str) -> None:
     out_path = os.path.join(socket_dir, "tail.out")
     relay = start_relay()
     with open(out_path, "w") as out:
         tail = cli("tail", "--socket", socket_path, "--reconnect", stdout=out)
-    relay.wait_for(lambda: subscribed(relay))
+    wait_subscribed(relay)
     with relay.client() as publisher:
-        publisher.send(trade_frame(1))
+        publisher.send(trade_message(1))
         wait_until(lambda: "seq=1 " in read_text(out_path), "tail to print seq 1")
     relay = restart(start_relay, relay)
-    relay.wait_for(lambda: subscribed(relay))  # tail came back and subscribed again
+    wait_subscribed(relay)  # tail came back and subscribed again
     wait_until(lambda: "RECONNECTED after" in read_text(out_path), "the RECONNECTED line")
     with relay.client() as publisher:
-        publisher.send(trade_frame(2))
+        publisher.send(trade_message(2))
         wait_until(lambda: "seq=2 " in read_text(out_path), "tail to print seq 2")
     tail.send_signal(signal.SIGTERM)
     _, err = tail.communicate(timeout=TIMEOUT_S)
@@ -1253,9 +1201,9 @@ def test_tail_count_prints_exactly_that_many_lines_from_one_burst(
         start_relay: StartRelay, cli: Cli, socket_path: str) -> None:
     relay = start_relay()
     tail = cli("tail", "--socket", socket_path, "--count", "3")
-    relay.wait_for(lambda: subscribed(relay))
+    wait_subscribed(relay)
     with relay.client() as publisher:
-        publisher.send_many([trade_frame(seq) for seq in range(1, 101)])  # one chunk
+        publisher.send_many([trade_message(seq) for seq in range(1, 101)])  # one chunk
         out, err = tail.communicate(timeout=TIMEOUT_S)
     assert tail.returncode == 0, err
     lines = out.splitlines()
@@ -1268,7 +1216,7 @@ def test_record_count_writes_exactly_the_first_frames_byte_for_byte(
     relay = start_relay()
     frames = frames_of([64] * 70 + [100, 3000, 64] * 20 + [64] * 40)
     record = cli("record", record_path, "--socket", socket_path, "--count", "100")
-    relay.wait_for(lambda: subscribed(relay))
+    wait_subscribed(relay)
     with relay.client() as publisher:
         publisher.send_many(frames)
         _, err = record.communicate(timeout=TIMEOUT_S)

@@ -41,14 +41,20 @@ import logic
 import relay
 from conftest import (
     HERE,
+    PRICE,
     TIMEOUT_S,
-    RunningRelay,
+    TS,
+    Reader,
+    RelayProcess,
+    StartRelay,
     connect_raw,
-    domain_of,
+    gap_of,
     leave_stale_socket,
     relay_command,
     sequence_of,
     source_of,
+    split_frames,
+    trade_message,
     wait_for_socket,
     wait_until,
 )
@@ -56,7 +62,6 @@ from logic import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
-    RELAY_GAP,
     SUBSCRIBE_ALL,
     SUBSCRIBE_NONE,
     SUBSCRIBE_TYPES,
@@ -65,18 +70,11 @@ from logic import (
     ExecutionLogic,
     MarketDataLogic,
     build_message,
-    decode_gap,
     order_request,
-    parse_message,
     subscribe_message,
-    trade,
 )
 from relay import Relay, RelayClient, RelayError
 
-StartRelay = Callable[..., RunningRelay]
-Cli = Callable[..., "subprocess.Popen[str]"]
-
-TS = 1_700_000_000_000_000_000  # a fixed timestamp: frames built twice are identical
 MiB = 1024 * 1024
 PUBLISHER = 7  # source id of the publishers here; other sources are named where used
 STUCK = 9  # source id of what a stuck (or departing) client publishes
@@ -88,17 +86,15 @@ STUCK = 9  # source id of what a stuck (or departing) client publishes
 
 
 def market_frame(seq: int, *, source: int = PUBLISHER, pad: int = 0) -> bytes:
-    """A market-data Trade numbered ``seq``; ``pad`` bytes more in a second TLV."""
-    tlvs = [trade(0x1234, 4_500_000_000_000 + seq, 100_000_000, TS, 100, 50, seq % 2)]
-    if pad:
-        tlvs.append((200, bytes(pad)))
-    return build_message(Domain.MARKET_DATA, source, tlvs, sequence=seq, timestamp_ns=TS)
+    """A market-data Trade numbered ``seq`` (its price and side follow ``seq``); ``pad``
+    bytes more in a second TLV."""
+    return trade_message(seq, source=source, price=PRICE + seq, side=seq % 2, pad=pad)
 
 
 def execution_frame(seq: int, *, source: int = PUBLISHER, pad: int = 0) -> bytes:
     """An execution OrderRequest numbered ``seq`` with its checksum (the domain requires
     one); ``pad`` adds that many bytes in standard TLVs of type 79 (at most 255 each)."""
-    tlvs = [order_request(seq, 0x1234, 4_500_000_000_000, 100, seq % 2)]
+    tlvs = [order_request(seq, 0x1234, PRICE, 100, seq % 2)]
     while pad > 0:
         length = min(pad, 257) - 2
         tlvs.append((79, bytes(length)))
@@ -113,37 +109,6 @@ def by_source(frames: Sequence[bytes]) -> dict[int, list[int]]:
     for frame in frames:
         seen.setdefault(source_of(frame), []).append(sequence_of(frame))
     return seen
-
-
-class Reader(threading.Thread):
-    """Reads ``count`` frames from a client in a thread; ``finish()`` returns them or
-    re-raises what went wrong. ``received`` may be read while it runs."""
-
-    def __init__(self, client: RelayClient, count: int) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.count = count
-        self.frames: list[bytes] = []
-        self.error: BaseException | None = None
-
-    @property
-    def received(self) -> int:
-        return len(self.frames)
-
-    def run(self) -> None:
-        try:
-            while len(self.frames) < self.count:
-                self.frames.append(self.client.recv(timeout=TIMEOUT_S))
-        except BaseException as exc:  # re-raised in the test thread by finish()
-            self.error = exc
-
-    def finish(self, timeout: float = TIMEOUT_S * 3) -> list[bytes]:
-        self.join(timeout)
-        assert not self.is_alive(), f"reader stuck after {len(self.frames)} frames"
-        if self.error is not None:
-            raise AssertionError(f"reader failed after {len(self.frames)} frames: "
-                                 f"{self.error!r}") from self.error
-        return self.frames
 
 
 class Sender(threading.Thread):
@@ -170,130 +135,6 @@ class Sender(threading.Thread):
         assert not self.is_alive(), "the publisher is still blocked"
         if self.error is not None:
             raise AssertionError(f"publisher failed: {self.error!r}") from self.error
-
-
-# ---------------------------------------------------------------------------------------
-# A relay in another process, read through its log (SIGUSR1 stats) and /proc
-# ---------------------------------------------------------------------------------------
-
-STATS_LINE = re.compile(
-    r"(?P<final>final )?stats: clients (?P<connections_active>\d+) active, "
-    r"(?P<connections_total>\d+) total, (?P<connections_rejected>\d+) rejected \| "
-    r"in (?P<messages_in>\d+) msg \([^)]*\), (?P<bytes_in>\d+) B \| "
-    r"out (?P<messages_out>\d+) deliveries \([^)]*\), (?P<bytes_out>\d+) B \| "
-    r"filtered (?P<messages_filtered>\d+), invalid (?P<messages_invalid>\d+), "
-    r"protocol errors (?P<protocol_errors>\d+) \| dropped (?P<messages_dropped>\d+), "
-    r"slow disconnects (?P<slow_disconnects>\d+), "
-    r"backpressure pauses (?P<backpressure_pauses>\d+)")
-
-
-class LoggedRelay:
-    """``python relay.py`` on a temp socket with its stderr in a file."""
-
-    def __init__(self, process: subprocess.Popen[str], path: str, log_path: str) -> None:
-        self.process = process
-        self.pid = process.pid
-        self.path = path
-        self.log_path = log_path
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def assert_alive(self) -> None:
-        assert self.alive(), (f"the relay exited with {self.process.returncode}; its log:\n"
-                              f"{self.log()[-3000:]}")
-
-    def stats_lines(self, final: bool = False) -> list[dict[str, int]]:
-        found = []
-        for line in self.log().splitlines():
-            match = STATS_LINE.search(line)
-            if match and bool(match.group("final")) == final:
-                found.append({k: int(v) for k, v in match.groupdict().items() if k != "final"})
-        return found
-
-    def stats(self) -> dict[str, int]:
-        """SIGUSR1, then the stats line it makes the relay log."""
-        self.assert_alive()
-        before = len(self.stats_lines())
-        os.kill(self.pid, signal.SIGUSR1)
-        wait_until(lambda: len(self.stats_lines()) > before or not self.alive(),
-                   "the stats line SIGUSR1 asks for")
-        self.assert_alive()
-        return self.stats_lines()[-1]
-
-    def wait_stats(self, predicate: Callable[[dict[str, int]], bool], what: str,
-                   timeout: float = TIMEOUT_S) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            if predicate(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; last stats: {stats}")
-            time.sleep(0.02)
-
-    def wait_log(self, text: str) -> None:
-        wait_until(lambda: text in self.log() or not self.alive(), f"{text!r} in the log")
-        assert text in self.log(), f"the relay exited before logging {text!r}:\n{self.log()}"
-
-    def catches(self, signum: int) -> bool:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
-        return False
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    value, unit = line.split()[1:3]
-                    assert unit == "kB"
-                    return int(value) * 1024
-        raise AssertionError(f"no VmRSS in /proc/{self.pid}/status")
-
-    def wait_ready(self) -> None:
-        """Serving: the socket answers, SIGUSR1 is caught (serve_forever installed its
-        handlers), and the probe connection is gone."""
-        try:
-            wait_for_socket(self.path)
-        except ConnectionError:
-            raise AssertionError(f"the relay never listened; its log:\n{self.log()}") from None
-        wait_until(lambda: self.catches(signal.SIGUSR1) or not self.alive(),
-                   "the relay to install its signal handlers")
-        self.wait_stats(lambda s: s["connections_active"] == 0, "the probe to be gone")
-
-    def assert_clean_exit(self, code: int | None) -> None:
-        """Exit 0, a final stats line, no traceback, the socket file removed."""
-        log = self.log()
-        assert code == 0, f"exit code {code}; log:\n{log[-3000:]}"
-        assert "Traceback" not in log, log[-3000:]
-        assert self.stats_lines(final=True), f"no final stats line; log:\n{log[-3000:]}"
-        assert not os.path.exists(self.path), "the socket file was left behind"
-
-
-@pytest.fixture
-def relay_process(cli: Cli, socket_dir: str) -> Callable[..., LoggedRelay]:
-    """``relay_process(*args, domain="market_data")`` starts ``python relay.py --domain D
-    --socket P ARGS`` (stderr to a file) and returns once it serves."""
-    count = 0
-
-    def start(*args: str, domain: str = "market_data") -> LoggedRelay:
-        nonlocal count
-        count += 1
-        path = os.path.join(socket_dir, f"relay{count}.sock")
-        log_path = os.path.join(socket_dir, f"relay{count}.log")
-        with open(log_path, "w") as log_file:
-            process = cli("--domain", domain, "--socket", path, *args, stderr=log_file)
-        running = LoggedRelay(process, path, log_path)
-        running.wait_ready()
-        return running
-
-    return start
 
 
 # =======================================================================================
@@ -537,7 +378,7 @@ def test_after_a_relay_stops_cleanly_a_new_one_starts_on_the_path_and_no_lock_is
 
 
 def test_what_a_killed_relay_left_behind_does_not_block_a_new_start(
-        relay_process: Callable[..., LoggedRelay], start_relay: StartRelay) -> None:
+        relay_process: Callable[..., RelayProcess], start_relay: StartRelay) -> None:
     killed = relay_process("--stats-interval", "0")
     killed.process.send_signal(signal.SIGKILL)
     assert killed.process.wait(TIMEOUT_S) == -signal.SIGKILL
@@ -555,7 +396,7 @@ def test_what_a_killed_relay_left_behind_does_not_block_a_new_start(
 # -- 3. Any number of stop signals ends in a clean exit ----------------------------------
 
 
-def _queue_data_for_a_consumer_that_does_not_read(running: LoggedRelay) -> socket.socket:
+def _queue_data_for_a_consumer_that_does_not_read(running: RelayProcess) -> socket.socket:
     """Connect a consumer that never reads and publish ~2 MB past it: most of it stays
     queued in the relay. Returns the consumer (close it when done)."""
     stuck = connect_raw(running.path)
@@ -571,7 +412,7 @@ def _queue_data_for_a_consumer_that_does_not_read(running: LoggedRelay) -> socke
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_a_second_stop_signal_during_the_drain_ends_it_at_once_and_the_exit_is_clean(
-        relay_process: Callable[..., LoggedRelay], second: signal.Signals) -> None:
+        relay_process: Callable[..., RelayProcess], second: signal.Signals) -> None:
     """Issue #9, defect 3: SIGTERM starts a drain towards a consumer that does not read
     (``--drain-timeout 60``); a second stop signal ends it: exit 0, final stats, the
     socket file removed, no traceback."""
@@ -589,7 +430,7 @@ def test_a_second_stop_signal_during_the_drain_ends_it_at_once_and_the_exit_is_c
                                    (signal.SIGTERM, signal.SIGINT)],
                          ids=["sigterm", "sigint", "both"])
 def test_a_storm_of_stop_signals_until_the_relay_is_gone_still_ends_in_exit_0(
-        relay_process: Callable[..., LoggedRelay], storm: tuple[signal.Signals, ...]) -> None:
+        relay_process: Callable[..., RelayProcess], storm: tuple[signal.Signals, ...]) -> None:
     """Issue #9, defect 3, "any number of stop signals": SIGTERM starts a drain towards
     a consumer that does not read; then stop signals keep coming, every 0.5 ms, through
     the drain, the release of the socket, the final stats and the exit."""
@@ -623,7 +464,7 @@ DURATIONS = {
 
 @pytest.mark.parametrize("options", DURATIONS.values(), ids=DURATIONS.keys())
 def test_durations_beyond_24_days_and_inf_never_crash_a_relay_that_pauses_and_resumes(
-        relay_process: Callable[..., LoggedRelay], options: tuple[str, ...]) -> None:
+        relay_process: Callable[..., RelayProcess], options: tuple[str, ...]) -> None:
     """Issue #9, defect 4: an execution relay (backpressure) with such a duration serves,
     pauses for a consumer that stopped reading, resumes once it reads again, and stops
     at once on SIGTERM (nothing is left to drain)."""
@@ -656,7 +497,7 @@ def test_durations_beyond_24_days_and_inf_never_crash_a_relay_that_pauses_and_re
 
 
 def test_drain_timeout_inf_delivers_everything_queued_and_then_exits_0(
-        relay_process: Callable[..., LoggedRelay]) -> None:
+        relay_process: Callable[..., RelayProcess]) -> None:
     running = relay_process("--drain-timeout", "inf", "--queue-limit", "1000000",
                             "--stats-interval", "0")
     total = 20_000
@@ -703,7 +544,7 @@ def test_the_relay_api_takes_inf_durations_and_refuses_nan(socket_path: str) -> 
 
 
 def test_headers_announcing_1_mib_frames_do_not_make_the_relay_allocate_them(
-        relay_process: Callable[..., LoggedRelay]) -> None:
+        relay_process: Callable[..., RelayProcess]) -> None:
     """Issue #9, defect 5: 200 clients each send one header announcing a 1 MiB frame and
     stall. The relay's RSS grows by far less than 200 MiB, it still serves, and a real
     1 MiB frame sent in pieces still arrives whole."""
@@ -1312,27 +1153,6 @@ def frames(first: int, count: int = 1) -> bytes:
 
 def notice(dropped: int, total: int) -> bytes:
     return logic.gap_message(dropped, total)
-
-
-def gap_of(frame: bytes) -> tuple[int, int] | None:
-    if domain_of(frame) != Domain.SYSTEM:
-        return None
-    tlvs = parse_message(frame).tlvs
-    if tlvs[0][0] != RELAY_GAP:
-        return None
-    gap = decode_gap(tlvs[0][1])
-    return gap.dropped, gap.total_dropped
-
-
-def split_frames(data: bytes) -> list[bytes]:
-    out = []
-    pos = 0
-    while pos < len(data):
-        end = pos + HEADER_SIZE + HEADER.unpack_from(data, pos)[7]
-        assert end <= len(data), "the stream ends inside a frame"
-        out.append(data[pos:end])
-        pos = end
-    return out
 
 
 def queued(out: Any) -> list[tuple[int, int]]:

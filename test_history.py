@@ -25,7 +25,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,18 +35,28 @@ import pytest
 
 import logic
 from conftest import (
+    PRICE,
     TIMEOUT_S,
+    TS,
+    Cli,
     RunningRelay,
+    StartRelay,
+    assert_nothing_more,
     domain_of,
+    finish,
+    gap_of,
+    gas_message,
+    publish_past_a_stopped_consumer,
     sequence_of,
     source_of,
+    split_frames,
+    trade_message,
     wait_for_socket,
+    wait_subscribed,
     wait_until,
 )
 from logic import (
-    HEADER,
     HEADER_SIZE,
-    RELAY_GAP,
     RELAY_LIVE,
     RELAY_REPORT,
     SUBSCRIBE_ALL,
@@ -60,20 +69,13 @@ from logic import (
     Replay,
     Source,
     build_message,
-    gas_price,
     order_request,
     parse_message,
     subscribe_message,
-    trade,
 )
 from relay import AsyncRelayClient, Relay, RelayClient, query
 
-Cli = Callable[..., "subprocess.Popen[str]"]
-StartRelay = Callable[..., RunningRelay]
-
-TS = 1_700_000_000_000_000_000  # 2023-11-14T22:13:20Z
 STEP_NS = 1_000_000  # numbered frames are 1 ms apart in their header timestamps
-SHORT_S = 0.1  # how long "nothing more arrives" is given, once the relay is known idle
 
 # The seam tests.
 JOINS = 30
@@ -94,17 +96,15 @@ def ts_of(seq: int) -> int:
 
 
 def trade_frame(seq: int, *, source: int = Source.BINANCE, ts: int | None = None) -> bytes:
-    """A market data Trade numbered ``seq`` (74 bytes)."""
-    return build_message(Domain.MARKET_DATA, source, [
-        trade(0x1234, 4_500_000_000_000 + seq, 100_000_000, TS, 100, 50, seq % 2)],
-        sequence=seq, timestamp_ns=ts_of(seq) if ts is None else ts)
+    """A market data Trade numbered ``seq`` (74 bytes; its price and side follow ``seq``),
+    stamped ``ts_of(seq)`` unless ``ts`` is given."""
+    return trade_message(seq, source=source, price=PRICE + seq, side=seq % 2,
+                         timestamp_ns=ts_of(seq) if ts is None else ts)
 
 
 def gas_frame(seq: int, *, source: int = Source.POLYGON) -> bytes:
-    """A market data GasPrice numbered ``seq`` (66 bytes)."""
-    return build_message(Domain.MARKET_DATA, source, [
-        gas_price(19_000_000 + seq, TS, 30, 25, 5, 202)], sequence=seq,
-        timestamp_ns=ts_of(seq))
+    """A market data GasPrice numbered ``seq`` (66 bytes) stamped ``ts_of(seq)``."""
+    return gas_message(seq, source=source, block=19_000_000 + seq, timestamp_ns=ts_of(seq))
 
 
 def mixed_frame(seq: int) -> bytes:
@@ -144,25 +144,8 @@ def live_of(frame: bytes) -> Live | None:
     return logic.decode_live(tlv[1]) if tlv is not None and tlv[0] == RELAY_LIVE else None
 
 
-def gap_of(frame: bytes) -> logic.Gap | None:
-    """The ``RELAY_GAP`` value of a gap notice, None for any other frame."""
-    tlv = system_tlv(frame)
-    return logic.decode_gap(tlv[1]) if tlv is not None and tlv[0] == RELAY_GAP else None
-
-
 def is_gap(frame: bytes) -> bool:
     return gap_of(frame) is not None
-
-
-def frames_of(data: bytes) -> list[bytes]:
-    """Cut a recording (a concatenation of whole frames) into its frames."""
-    frames, pos = [], 0
-    while pos < len(data):
-        size = HEADER_SIZE + HEADER.unpack_from(data, pos)[7]
-        assert pos + size <= len(data), f"a frame at offset {pos} is cut short"
-        frames.append(data[pos:pos + size])
-        pos += size
-    return frames
 
 
 def seqs(frames: Iterable[bytes]) -> list[int]:
@@ -226,15 +209,6 @@ def read_data(client: RelayClient, count: int, timeout: float = TIMEOUT_S) -> li
             f"a frame of the relay's own ({system_tlv(frame)}) after {len(frames)} frames")
         frames.append(frame)
     return frames
-
-
-def assert_nothing_more(client: RelayClient, wait: float = SHORT_S) -> None:
-    try:
-        frame = client.recv(timeout=wait)
-    except TimeoutError:
-        return
-    raise AssertionError(f"an unexpected frame: seq {sequence_of(frame)}, "
-                         f"domain {domain_of(frame)}, {system_tlv(frame)}")
 
 
 def confirm_subscribed(client: RelayClient) -> dict[str, Any]:
@@ -1046,12 +1020,6 @@ REPLAYED = re.compile(r"replayed (\d+) messages of (\S+) to (\S+) in [\d.]+ s \(
                       r"the relay's own frames skipped\)")
 
 
-def finish(process: subprocess.Popen[str], timeout: float = TIMEOUT_S * 2) -> tuple[int, str, str]:
-    """Wait for ``process`` to exit on its own: (exit code, stdout, stderr)."""
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out or "", err or ""
-
-
 def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -1068,13 +1036,6 @@ def write_file(path: str, data: bytes) -> str:
     with open(path, "wb") as f:
         f.write(data)
     return path
-
-
-def wait_subscribed(running: RunningRelay, clients: int = 1) -> None:
-    """Wait until ``clients`` clients are connected and the relay has read as many
-    frames (their RELAY_SUBSCRIBE: control frames count in messages_in)."""
-    running.wait_for(lambda: running.stats().connections_active >= clients
-                     and running.stats().messages_in >= clients)
 
 
 def test_tail_last_n_prints_the_last_n_retained_then_a_live_line_then_live_traffic(
@@ -1199,7 +1160,7 @@ def arrival_spread(cli: Cli, running: RunningRelay, recording: str, count: int,
         last_at = time.monotonic()
         code, _, err = finish(player)
     assert code == 0, err
-    assert [first, *rest] == frames_of(read_bytes(recording))[:count]
+    assert [first, *rest] == split_frames(read_bytes(recording))[:count]
     return last_at - first_at
 
 
@@ -1316,7 +1277,7 @@ def test_record_last_n_begins_with_the_retained_messages_and_the_marker(
         publish_each(running, publisher, [trade_frame(11)])
         code, _, err = finish(recorder)
     assert code == 0, err
-    recorded = frames_of(read_bytes(recording))
+    recorded = split_frames(read_bytes(recording))
     assert [live_of(frame) for frame in recorded] == [None, None, None, (3, 0), None]
     assert [recorded[i] for i in (0, 1, 2, 4)] == [trade_frame(n) for n in (8, 9, 10, 11)]
 
@@ -1331,27 +1292,14 @@ def test_a_recording_shows_its_holes_and_replaying_it_skips_the_relays_own_frame
     first = start_relay(socket_path=first_path, queue_limit=4)
     recording = os.path.join(socket_dir, "holes.torq")
     recorder = cli("--socket", first_path, "record", recording)
-    wait_subscribed(first)
-    recorder.send_signal(signal.SIGSTOP)
-    sent = 0
-    try:
-        with first.client(publish_only=True) as publisher:
-            deadline = time.monotonic() + TIMEOUT_S
-            while first.stats().messages_dropped == 0:
-                assert time.monotonic() < deadline, f"no drop: {first.stats()}"
-                publisher.send_many([trade_frame(sent + i + 1) for i in range(1_000)])
-                sent += 1_000
-                time.sleep(0.01)
-            first.wait_for(lambda: first.stats().messages_in >= sent + 2)
-    finally:
-        recorder.send_signal(signal.SIGCONT)
+    sent = publish_past_a_stopped_consumer(first, recorder, trade_frame)
     first.wait_for(lambda: query(first_path, logic.QUERY_STATS)["relay"][
         "pending_messages"] == 0)
     first.stop()
     code, _, err = finish(recorder)
     assert code == 0, err
     assert "stopped: the relay stopped" in err
-    recorded = frames_of(read_bytes(recording))
+    recorded = split_frames(read_bytes(recording))
     gaps = [gap for gap in map(gap_of, recorded) if gap is not None]
     data = [f for f in recorded if domain_of(f) != Domain.SYSTEM]
     assert gaps, "no gap notice in the recording"

@@ -20,7 +20,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -30,21 +29,24 @@ from typing import Any
 import pytest
 
 from conftest import (
+    PRICE,
     TIMEOUT_S,
+    TS,
+    RelayProcess,
     RunningRelay,
     connect_raw,
     domain_of,
+    gap_of,
     leave_stale_socket,
     sequence_of,
     source_of,
-    wait_for_socket,
+    trade_message,
     wait_until,
 )
 from logic import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
-    RELAY_GAP,
     SUBSCRIBE_NONE,
     VERSION,
     Domain,
@@ -52,20 +54,14 @@ from logic import (
     MarketDataLogic,
     SignalLogic,
     build_message,
-    decode_gap,
     order_request,
-    parse_message,
     signal_identity,
     subscribe_message,
-    trade,
 )
 from relay import RelayClient
 
-TIMESTAMP_NS = 1_700_000_000_000_000_000
 PAIR_SOURCE = 77  # the source id of every Pair publisher: its consumer ignores others
 MiB = 1024 * 1024
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-SIGNAL_BITS = {signal.SIGUSR1, signal.SIGTERM}  # caught once the relay serves
 
 # ---------------------------------------------------------------------------------------
 # Messages and frames
@@ -80,31 +76,21 @@ def domain_message(domain: str, sequence: int, *, source: int = PAIR_SOURCE,
     number: int
     if domain == "signal":
         tlvs = [signal_identity(sequence, 20)]
-        pad_type, number, checksum = 32, Domain.SIGNAL, True
+        pad_type, number = 32, Domain.SIGNAL
     elif domain == "execution":
-        tlvs = [order_request(sequence, 0x1234, 4_500_000_000_000, 100, sequence % 2)]
-        pad_type, number, checksum = 79, Domain.EXECUTION, True
+        tlvs = [order_request(sequence, 0x1234, PRICE, 100, sequence % 2)]
+        pad_type, number = 79, Domain.EXECUTION
     else:
-        tlvs = [trade(0x1234, 4_500_000_000_000 + sequence, 100_000_000, TIMESTAMP_NS,
-                      100, 50, sequence % 2)]
-        pad_type, number, checksum = 200, Domain.MARKET_DATA, False
+        return trade_message(sequence, source=source, price=PRICE + sequence,
+                             side=sequence % 2, pad=pad,
+                             relay_domain=Domain.MARKET_DATA if relay_domain is None
+                             else relay_domain)
     if pad:
         tlvs.append((pad_type, bytes(pad)))
     if relay_domain is not None:
         number = relay_domain
-    return build_message(number, source, tlvs, sequence=sequence, timestamp_ns=TIMESTAMP_NS,
-                         checksum=checksum)
-
-
-def gap_of(frame: bytes) -> tuple[int, int] | None:
-    """``(dropped, total_dropped)`` if the frame is a RELAY_GAP notice, else None."""
-    if domain_of(frame) != Domain.SYSTEM:
-        return None
-    tlvs = parse_message(frame).tlvs
-    if not tlvs or tlvs[0][0] != RELAY_GAP:
-        return None
-    gap = decode_gap(tlvs[0][1])
-    return gap.dropped, gap.total_dropped
+    return build_message(number, source, tlvs, sequence=sequence, timestamp_ns=TS,
+                         checksum=True)
 
 
 def closed_by_relay(sock: socket.socket, timeout: float = TIMEOUT_S) -> bool:
@@ -274,175 +260,6 @@ class Pair:
 
 
 # ---------------------------------------------------------------------------------------
-# A real relay process, read through its log and /proc
-# ---------------------------------------------------------------------------------------
-
-STATS_LINE = re.compile(
-    r"(?P<final>final )?stats: clients (?P<connections_active>\d+) active, "
-    r"(?P<connections_total>\d+) total, (?P<connections_rejected>\d+) rejected \| "
-    r"in (?P<messages_in>\d+) msg \([^)]*\), (?P<bytes_in>\d+) B \| "
-    r"out (?P<messages_out>\d+) deliveries \([^)]*\), (?P<bytes_out>\d+) B \| "
-    r"filtered (?P<messages_filtered>\d+), invalid (?P<messages_invalid>\d+), "
-    r"protocol errors (?P<protocol_errors>\d+) \| dropped (?P<messages_dropped>\d+), "
-    r"slow disconnects (?P<slow_disconnects>\d+), "
-    r"backpressure pauses (?P<backpressure_pauses>\d+)")
-
-
-def parse_stats(line: str) -> dict[str, int] | None:
-    match = STATS_LINE.search(line)
-    if match is None:
-        return None
-    return {k: int(v) for k, v in match.groupdict().items() if k != "final"}
-
-
-class RelayProcess:
-    """``python relay.py`` on a temp socket, stderr to a file; counters via SIGUSR1."""
-
-    def __init__(self, process: subprocess.Popen[str], path: str, log_path: str) -> None:
-        self.process = process
-        self.pid = process.pid
-        self.path = path
-        self.log_path = log_path
-
-    # -- the log --------------------------------------------------------------------------
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stats_lines(self, final: bool = False) -> list[dict[str, int]]:
-        found = []
-        for line in self.log().splitlines():
-            match = STATS_LINE.search(line)
-            if match and bool(match.group("final")) == final:
-                found.append(parse_stats(line) or {})
-        return found
-
-    def stats(self) -> dict[str, int]:
-        """SIGUSR1, then the stats line it logs."""
-        self.assert_alive()
-        before = len(self.stats_lines())
-        os.kill(self.pid, signal.SIGUSR1)
-        wait_until(lambda: len(self.stats_lines()) > before or not self.alive(),
-                   "the stats line SIGUSR1 asks for")
-        self.assert_alive()
-        return self.stats_lines()[-1]
-
-    def wait_stats(self, predicate: Callable[[dict[str, int]], bool], what: str,
-                   timeout: float = TIMEOUT_S) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            if predicate(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; last stats: {stats}")
-            time.sleep(0.02)
-
-    # -- /proc ----------------------------------------------------------------------------
-
-    def _status(self, field: str) -> str:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return line.split(":", 1)[1].strip()
-        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
-
-    def rss_bytes(self) -> int:
-        value, unit = self._status("VmRSS").split()
-        assert unit == "kB"
-        return int(value) * 1024
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def cpu_seconds(self) -> float:
-        """utime + stime from /proc/PID/stat."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
-
-    def state(self) -> str:
-        with open(f"/proc/{self.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-
-    def catches(self, signum: int) -> bool:
-        return bool(int(self._status("SigCgt"), 16) & (1 << (signum - 1)))
-
-    # -- life -----------------------------------------------------------------------------
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def assert_alive(self) -> None:
-        assert self.alive(), (f"the relay exited with {self.process.returncode}; its log:\n"
-                              f"{self.log()[-3000:]}")
-
-    def wait_ready(self) -> None:
-        """Serving: the socket answers, the signal handlers are in, the probe is gone."""
-        try:
-            wait_for_socket(self.path)
-        except ConnectionError:
-            raise AssertionError(f"the relay never listened; its log:\n{self.log()}") from None
-        wait_until(lambda: all(self.catches(s) for s in SIGNAL_BITS) or not self.alive(),
-                   "the relay to install its signal handlers")
-        self.wait_stats(lambda s: s["connections_active"] == 0,
-                        "the socket probe to be cleaned up")
-
-    def terminate(self, timeout: float = TIMEOUT_S * 2) -> dict[str, int]:
-        """SIGTERM; assert a clean exit; return the final stats."""
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout)
-        log = self.log()
-        assert code == 0, f"exit code {code}; log:\n{log[-3000:]}"
-        finals = self.stats_lines(final=True)
-        assert finals, f"no final stats line; log:\n{log[-3000:]}"
-        return finals[-1]
-
-
-@pytest.fixture
-def relay_process(cli: Callable[..., subprocess.Popen[str]],
-                  socket_dir: str) -> Iterator[Callable[..., RelayProcess]]:
-    """``relay_process(*args, domain=..., socket_path=..., ready=True, **popen)`` starts
-    ``python relay.py --domain D --socket P --stats-interval 0 ARGS``."""
-    count = 0
-
-    def start(*args: str, domain: str = "market_data", socket_path: str | None = None,
-              ready: bool = True, **popen: Any) -> RelayProcess:
-        nonlocal count
-        count += 1
-        path = socket_path or os.path.join(socket_dir, f"relay{count}.sock")
-        log_path = os.path.join(socket_dir, f"relay{count}.log")
-        with open(log_path, "w") as log_file:
-            process = cli("--domain", domain, "--socket", path, "--stats-interval", "0",
-                          *args, stderr=log_file, **popen)
-        relay = RelayProcess(process, path, log_path)
-        if ready:
-            relay.wait_ready()
-        return relay
-
-    yield start
-
-
-@pytest.fixture
-def nofile_limit() -> Iterator[Callable[[int], None]]:
-    """``nofile_limit(n)`` raises this process's RLIMIT_NOFILE soft limit to at least
-    ``n`` (skips the test if the hard limit is lower); restored afterwards."""
-    original = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def raise_to(n: int) -> None:
-        soft, hard = original
-        if soft >= n:
-            return
-        if hard != resource.RLIM_INFINITY and hard < n:
-            pytest.skip(f"needs {n} file descriptors; the hard RLIMIT_NOFILE is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-
-    yield raise_to
-    resource.setrlimit(resource.RLIMIT_NOFILE, original)
-
-
-# ---------------------------------------------------------------------------------------
 # Seeded fuzz: random blobs and valid streams cut anywhere
 # ---------------------------------------------------------------------------------------
 
@@ -454,7 +271,7 @@ def random_frame(rng: random.Random, domain: int, sequence: int, big: bool = Fal
     if big:
         tlvs.append((200, rng.randbytes(rng.randint(4096, 60_000))))  # fits 64 KiB
     return build_message(domain, rng.randint(1, 5), tlvs, sequence=sequence,
-                         timestamp_ns=TIMESTAMP_NS)
+                         timestamp_ns=TS)
 
 
 def predict(stream: bytes, domain: int, max_size: int) -> tuple[list[bytes], int,
@@ -495,7 +312,7 @@ def random_blob(rng: random.Random, next_sequence: Callable[[], int]) -> bytes:
         return struct.pack("<IBB", MAGIC, 1, version) + rng.randbytes(rng.randint(26, 200))
     if kind == "size":
         size = rng.randint(65_536 - HEADER_SIZE + 1, 0xFFFFFFFF)
-        header = HEADER.pack(MAGIC, 1, VERSION, 1, 0, 1, TIMESTAMP_NS, size, 0)
+        header = HEADER.pack(MAGIC, 1, VERSION, 1, 0, 1, TS, size, 0)
         return header + rng.randbytes(rng.randint(0, 512))
     frames = b"".join(random_frame(rng, rng.choice(domains), next_sequence())
                       for _ in range(rng.randint(1, 5)))
@@ -673,7 +490,7 @@ def test_frames_failing_checksum_or_tlv_policy_are_dropped_and_counted_and_the_c
                                   sequence=sequence, checksum=True)
         elif kind == "tlv_length":  # a TLV that claims more bytes than the payload has
             payload = bytes([20 if name == "signal" else 40, 200]) + bytes(10)
-            frame = HEADER.pack(MAGIC, logic.domain, VERSION, 9, 0, sequence, TIMESTAMP_NS,
+            frame = HEADER.pack(MAGIC, logic.domain, VERSION, 9, 0, sequence, TS,
                                 len(payload), 0) + payload
         else:  # passes the checksum and TLV policies, but belongs to another domain
             frame = domain_message(name, sequence, source=9, relay_domain=Domain.MARKET_DATA)
@@ -712,7 +529,7 @@ def test_header_claiming_4_gib_closes_that_client_at_once_without_growing_memory
     pair = Pair(relay.path, domain, count=1000).start()
     pair.wait_received(1)
     number = {"market_data": 1, "execution": 3}[domain]
-    header = HEADER.pack(MAGIC, number, VERSION, 1, 0, 1, TIMESTAMP_NS, 0xFFFFFFF0, 0)
+    header = HEADER.pack(MAGIC, number, VERSION, 1, 0, 1, TS, 0xFFFFFFF0, 0)
     rss_before = relay.rss_bytes()
     for split in (32, 32, 24, 5):  # whole (twice), then arriving in two pieces
         with connect_raw(relay.path) as sock:
@@ -950,7 +767,7 @@ def test_short_lived_publishers_that_send_and_leave_lose_nothing_while_others_st
             with RelayClient(relay.path, publish_only=publish_only,
                              timeout=TIMEOUT_S) as once:
                 once.send(build_message(Domain.MARKET_DATA, 3, [(201, b"job done")],
-                                        sequence=number, timestamp_ns=TIMESTAMP_NS))
+                                        sequence=number, timestamp_ns=TS))
         got: set[int] = set()
         try:
             while len(got) < 300:

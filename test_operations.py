@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -42,9 +41,16 @@ import relay
 from conftest import (
     HERE,
     TIMEOUT_S,
+    TS,
+    Cli,
     RunningRelay,
+    StartRelay,
     connect_raw,
-    relay_command,
+    gas_message,
+    read_text,
+    run_cli,
+    stop,
+    trade_message,
     wait_for_socket,
     wait_until,
 )
@@ -55,16 +61,11 @@ from logic import (
     MarketDataLogic,
     SignalLogic,
     build_message,
-    gas_price,
     parse_message,
     trade,
 )
 from relay import RelayClient
 
-Cli = Callable[..., "subprocess.Popen[str]"]
-StartRelay = Callable[..., RunningRelay]
-
-TIMESTAMP_NS = 1_700_000_000_000_000_000
 NOBODY = 65534  # a uid and gid outside root's
 OTHER_UID = 65533  # a second service account
 SHARED_GID = 4242  # the group two service accounts share (a number needs no /etc/group)
@@ -84,18 +85,6 @@ def own_process_name() -> str:
     """What the relay reports as this process's name (``/proc/self/comm``)."""
     with open("/proc/self/comm", encoding="utf-8") as comm:
         return comm.read().strip()
-
-
-def trade_message(sequence: int, source: int = logic.Source.BINANCE) -> bytes:
-    return build_message(Domain.MARKET_DATA, source, [
-        trade(0x1234, 4_500_000_000_000, 100_000_000, TIMESTAMP_NS, 100, 50, 0)],
-        sequence=sequence, timestamp_ns=TIMESTAMP_NS)
-
-
-def gas_message(sequence: int) -> bytes:
-    return build_message(Domain.MARKET_DATA, logic.Source.POLYGON, [
-        gas_price(19_000_000, TIMESTAMP_NS, 30, 25, 5, 202)], sequence=sequence,
-        timestamp_ns=TIMESTAMP_NS)
 
 
 def ask(client: RelayClient, what: int) -> dict[str, Any]:
@@ -150,13 +139,6 @@ class Flooder:
                 self.pos = 0
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = TIMEOUT_S * 2) -> subprocess.CompletedProcess[str]:
-    """Run ``python relay.py ARGS`` to completion."""
-    return subprocess.run(relay_command(*args), capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE, env=env)
-
-
 def one_line_error(stderr: str) -> str:
     """The one line a runtime error prints: no traceback, nothing else (notes aside)."""
     assert "Traceback" not in stderr, stderr
@@ -177,14 +159,6 @@ def usage_error(result: subprocess.CompletedProcess[str]) -> str:
     return last
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 def serve(cli: Cli, socket_path: str, *args: str, log: str,
           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start ``python relay.py --socket P ARGS`` logging to the file ``log``; return once
@@ -199,12 +173,6 @@ def serve(cli: Cli, socket_path: str, *args: str, log: str,
         process.communicate(timeout=TIMEOUT_S)
         raise AssertionError(f"relay did not start: {read_text(log)}") from None
     return process
-
-
-def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> int:
-    process.send_signal(signum)
-    process.communicate(timeout=TIMEOUT_S)
-    return process.returncode
 
 
 # A child Python that starts as root, imports what it will need (the interpreter's own
@@ -311,24 +279,6 @@ def peers() -> Iterator[list[subprocess.Popen[str]]]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.communicate(timeout=TIMEOUT_S)
-
-
-@pytest.fixture
-def descriptors() -> Iterator[Callable[[int], None]]:
-    """``descriptors(n)`` raises this process's open-file limit to ``n`` if it is lower
-    (skipping the test when the hard limit is lower still); restored at teardown."""
-    before = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def need(n: int) -> None:
-        soft, hard = before
-        if soft >= n:
-            return
-        if hard != resource.RLIM_INFINITY and hard < n:
-            pytest.skip(f"needs {n} file descriptors, the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-
-    yield need
-    resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
 
 @pytest.fixture
@@ -664,8 +614,8 @@ def test_a_bad_query_between_two_good_ones_leaves_exactly_their_two_answers(
 
 @pytest.mark.slow
 def test_clients_report_lists_a_thousand_connected_clients(
-        start_relay: StartRelay, descriptors: Callable[[int], None]) -> None:
-    descriptors(2300)  # both ends of each connection live in this process
+        start_relay: StartRelay, nofile_limit: Callable[[int], None]) -> None:
+    nofile_limit(2300)  # both ends of each connection live in this process
     running = start_relay(max_connections=1100)
     socks = []
     try:
@@ -688,9 +638,9 @@ def test_clients_report_lists_a_thousand_connected_clients(
 
 @pytest.mark.slow
 def test_the_asking_client_is_in_its_own_clients_report_however_many_are_connected(
-        start_relay: StartRelay, descriptors: Callable[[int], None]) -> None:
+        start_relay: StartRelay, nofile_limit: Callable[[int], None]) -> None:
     count = 3600  # about 300 bytes each: more than a 1 MiB frame holds
-    descriptors(2 * count + 200)
+    nofile_limit(2 * count + 200)
     running = start_relay(max_connections=count + 100)
     socks = []
     try:
@@ -924,7 +874,7 @@ def test_the_listening_line_gives_the_pid_and_socket_mode_and_client_lines_name_
     garbage = named_peer("strategy-x", socket_path, send=b"\x00" * 40)
     peers.append(garbage)
     wait_until(lambda: "bad magic" in read_text(log), "the bad-magic line")
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     text = read_text(log)
     assert re.search(rf"listening on {re.escape(socket_path)} \(pid {process.pid}, "
                      r"socket mode 0640,", text), text
@@ -941,7 +891,7 @@ def test_log_format_json_writes_one_json_object_per_log_line(
     with connect_raw(socket_path) as sock:
         sock.sendall(b"\x00" * 40)
         wait_until(lambda: "bad magic" in read_text(log), "the bad-magic line")
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     lines = read_text(log).splitlines()
     assert len(lines) >= 4, lines
     records = [json.loads(line) for line in lines]
@@ -1082,7 +1032,7 @@ def test_allow_uid_and_gid_take_names_on_the_command_line(
                     "--allow-gid", "root", log=log)
     assert "you" in query_as(socket_path, NOBODY, NOBODY)
     assert refused(query_as(socket_path, OTHER_UID, OTHER_UID))
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     assert re.search(rf"refused a connection from pid \d+ \(uid {OTHER_UID}, gid "
                      rf"{OTHER_UID}, python\): not in --allow-uid 0,{NOBODY} / --allow-gid 0",
                      read_text(log)), read_text(log)
@@ -1158,7 +1108,7 @@ def test_a_notify_socket_nobody_listens_on_is_a_warning_and_the_relay_serves(
     env = {**os.environ, "NOTIFY_SOCKET": os.path.join(socket_dir, "nobody-here")}
     process = serve(cli, socket_path, log=log, env=env)
     assert relay.query(socket_path, logic.QUERY_STATS)["relay"]["pid"] == process.pid
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     assert "WARNING relay: cannot notify systemd at" in read_text(log)
 
 
@@ -1167,7 +1117,7 @@ def test_without_notify_socket_the_relay_sends_nothing_and_says_nothing(
     log = os.path.join(socket_dir, "relay.log")
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     process = serve(cli, socket_path, log=log, env=env)
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     assert "notify" not in read_text(log).lower()
 
 
@@ -1317,7 +1267,7 @@ def test_sending_another_domains_messages_exits_1_saying_the_relay_refused_them_
     log = os.path.join(socket_dir, "relay.log")
     process = serve(cli, socket_path, log=log)  # market_data
     result = run_cli("--socket", socket_path, "--domain", "signal", "send", "--count", "5")
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     assert result.returncode == 1, (result.stdout, result.stderr)
     line = one_line_error(result.stderr)
     assert f"the relay on {socket_path} refused 5 of 5 messages" in line
@@ -1366,7 +1316,7 @@ def test_tail_json_of_a_registered_domain_gives_its_name(socket_path: str) -> No
                 "connections_active"] >= 2, "tail to connect")
             with RelayClient(socket_path, publish_only=True, timeout=TIMEOUT_S) as producer:
                 producer.send(build_message(10, logic.Source.DASHBOARD, [
-                    logic.heartbeat(TIMESTAMP_NS, 1)], sequence=1, checksum=True))
+                    logic.heartbeat(TS, 1)], sequence=1, checksum=True))
             out, err = tail.communicate(timeout=TIMEOUT_S)
         finally:
             if tail.poll() is None:
@@ -1460,7 +1410,7 @@ def test_a_socket_mode_that_lets_every_user_in_is_accepted_with_a_warning(
     log = os.path.join(socket_dir, "relay.log")
     process = serve(cli, socket_path, "--socket-mode", mode, log=log)
     assert stat.S_IMODE(os.stat(socket_path).st_mode) == int(mode, 8)
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     text = read_text(log)
     assert f"socket mode {int(mode, 8):04o}," in text
     warning = [line for line in text.splitlines() if "WARNING" in line]
@@ -1472,7 +1422,7 @@ def test_a_group_socket_mode_gives_no_warning(cli: Cli, socket_path: str,
                                               socket_dir: str) -> None:
     log = os.path.join(socket_dir, "relay.log")
     process = serve(cli, socket_path, "--socket-mode", "0660", log=log)
-    assert stop(process) == 0
+    assert stop(process)[0] == 0
     assert "WARNING" not in read_text(log)
 
 
@@ -1593,7 +1543,7 @@ def test_an_endless_or_tiny_duration_never_ends_in_a_traceback(
     with open(recording, "wb") as f:  # two trades a second apart
         f.write(trade_message(1) + build_message(
             Domain.MARKET_DATA, 1, [trade(1, 1, 1, 1, 1, 1, 0)], sequence=2,
-            timestamp_ns=TIMESTAMP_NS + 10**9))
+            timestamp_ns=TS + 10**9))
     process = cli("--socket", socket_path, *(a.format(recording=recording) for a in args))
     try:
         _, err = process.communicate(timeout=3.0)

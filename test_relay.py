@@ -37,9 +37,15 @@ import pytest
 
 import logic
 from conftest import (
+    SHORT_S,
     TIMEOUT_S,
+    TS,
+    Reader,
     RunningRelay,
+    StartRelay,
+    assert_nothing_more,
     connect_raw,
+    cpu_ticks,
     domain_of,
     leave_stale_socket,
     sequence_of,
@@ -70,11 +76,7 @@ from logic import (
 )
 from relay import BUFFER_SIZE, Relay, RelayClient, RelayError
 
-TS = 1_700_000_000_000_000_000  # a fixed timestamp: frames built twice are identical
 DATA_TLV = {Domain.MARKET_DATA: TLV_TRADE, Domain.SIGNAL: 20, Domain.EXECUTION: 40}
-SHORT_S = 0.1  # how long "nothing more arrives" is given, after the relay is known idle
-
-StartRelay = Callable[..., RunningRelay]
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,12 +129,6 @@ def recv_n(client: RelayClient, count: int, timeout: float = TIMEOUT_S) -> list[
     return [client.recv(timeout=timeout) for _ in range(count)]
 
 
-def assert_nothing_more(client: RelayClient) -> None:
-    """Nothing else is waiting for ``client`` (call once the relay is known idle)."""
-    with pytest.raises(TimeoutError):
-        client.recv(timeout=SHORT_S)
-
-
 def read_until_closed(client: RelayClient) -> list[bytes]:
     """Every whole frame until the relay closes the connection (cleanly or mid-frame)."""
     frames = []
@@ -173,39 +169,6 @@ def send_in_pieces(relay: RunningRelay, sock: socket.socket, data: bytes,
 
 def relay_warnings(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "relay" and r.levelno >= level]
-
-
-class Reader(threading.Thread):
-    """Reads ``count`` frames from a client in a thread, ``burst`` at a time with a pause
-    of ``pause_s`` between bursts; ``frames`` and ``error`` are checked after ``join``."""
-
-    def __init__(self, client: RelayClient, count: int, burst: int | None = None,
-                 pause_s: float = 0.0) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.count = count
-        self.burst = burst or count
-        self.pause_s = pause_s
-        self.frames: list[bytes] = []
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while len(self.frames) < self.count:
-                for _ in range(min(self.burst, self.count - len(self.frames))):
-                    self.frames.append(self.client.recv(timeout=TIMEOUT_S))
-                if self.pause_s:
-                    time.sleep(self.pause_s)
-        except BaseException as exc:  # re-raised in the test thread by finish()
-            self.error = exc
-
-    def finish(self, timeout: float = TIMEOUT_S * 4) -> list[bytes]:
-        self.join(timeout)
-        assert not self.is_alive(), f"reader stuck after {len(self.frames)} frames"
-        if self.error is not None:
-            raise AssertionError(f"reader failed after {len(self.frames)} frames: "
-                                 f"{self.error!r}") from self.error
-        return self.frames
 
 
 # Relay configurations that take different read paths: the fast loop (market data), the
@@ -1313,13 +1276,6 @@ def test_vanished_client_is_cleaned_up_quietly_and_the_others_are_unaffected(sta
     assert stats.protocol_errors == stats.messages_dropped == stats.slow_disconnects == 0
 
 
-def _cpu_ticks(pid: int) -> int:
-    """User + system CPU time of a process in clock ticks (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as file:
-        fields = file.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
 def test_out_of_file_descriptors_refuses_new_clients_without_spinning(cli, socket_path):
     def few_descriptors() -> None:
@@ -1331,9 +1287,9 @@ def test_out_of_file_descriptors_refuses_new_clients_without_spinning(cli, socke
     clients = [RelayClient(socket_path, timeout=TIMEOUT_S) for _ in range(40)]
     try:
         time.sleep(0.3)  # let the relay hit EMFILE (nothing to wait on in another process)
-        before = _cpu_ticks(process.pid)
+        before = cpu_ticks(process.pid)
         time.sleep(1.0)
-        used = _cpu_ticks(process.pid) - before
+        used = cpu_ticks(process.pid) - before
         ticks_per_s = os.sysconf("SC_CLK_TCK")
         assert used < ticks_per_s // 2, f"relay used {used} ticks of CPU in 1 s: spinning"
         assert process.poll() is None
@@ -1683,20 +1639,9 @@ def test_connecting_where_no_relay_listens_says_so_and_how_to_start_one(socket_p
     assert "python relay.py" in message
 
 
-@pytest.fixture
-def fake_relay(socket_path: str):
-    """A plain listening socket standing in for a relay, to feed a client exact bytes."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.settimeout(TIMEOUT_S)
-    server.bind(socket_path)
-    server.listen(1)
-    yield server
-    server.close()
-
-
 def test_recv_timeout_keeps_a_partly_received_frame(fake_relay, socket_path):
     with RelayClient(socket_path, timeout=TIMEOUT_S) as client:
-        conn, _ = fake_relay.accept()
+        conn = fake_relay.accept()
         with conn:
             conn.settimeout(TIMEOUT_S)
             frame = make_frame(1, size=100)
@@ -1710,7 +1655,7 @@ def test_recv_timeout_keeps_a_partly_received_frame(fake_relay, socket_path):
 def test_recv_raises_connection_error_when_the_relay_goes_away_mid_frame(fake_relay,
                                                                         socket_path):
     with RelayClient(socket_path, timeout=TIMEOUT_S) as client:
-        conn, _ = fake_relay.accept()
+        conn = fake_relay.accept()
         whole = make_frame(1)
         conn.sendall(whole + make_frame(2)[:40])
         conn.close()
