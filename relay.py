@@ -118,6 +118,9 @@ RETAIN_BYTES = 64 * 1024 * 1024  # --retain-bytes: the ring's hard byte bound
 JOIN_GRACE_S = 0.02  # with --retain, a new client that sent nothing yet has its live data
                      # held this long, so a replay request it is about to send goes first
 REPLAYS_KEPT = 16  # per client: earlier replays a later one leaves out
+REPLAY_STEP_FRAMES = 20_000  # replay selection per loop turn, shared by the joiners (~10 ms)
+QUERY_BURST = 100  # queries a client may send at once ...
+QUERY_RATE_S = 50.0  # ... and then per second: each costs a pass over every client
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -676,6 +679,12 @@ class FrameScanner:
 # gap notice announces (> 0), or REPLY for a relay's answer, which is never dropped.
 Entry = tuple[bytes, int, int]
 REPLY = -1
+# A piece of a replay: (a retained chunk, messages, None for all of it or the (start, end)
+# spans of the frames it takes). Frames are copied out of the ring only when fed.
+ReplayPiece = tuple[bytes, int, tuple[tuple[int, int], ...] | None]
+U64_MAX = (1 << 64) - 1  # a RELAY_GAP count or total never goes past this
+GAP_FRAME_BYTES = len(logic.gap_message(0, 0))
+GAP_PLACEHOLDER = bytes(bytearray(GAP_FRAME_BYTES))  # a queued notice, built at the head
 WAITING = 1  # push(): data now waits, and none did before: watch the socket for writes
 OVER = 2  # push(): more waits than the high-water marks allow, after a write was tried
 
@@ -691,19 +700,24 @@ class Outbound:
     knows nothing of selectors or policies (the relay decides what an overflow means),
     and any object with ``send`` and ``sendmsg`` can stand in for the socket.
 
-    A replay (``start_replay``) is fed as the client drains: its entries move into
-    ``pending`` while less than half the limits wait there, live entries wait behind it
-    in ``held`` (counted toward the limits like any others), and when the replay is all
-    in, its marker follows, then what was held.
+    Gap notices wait in the queue as their count alone and are built (``notice``) when
+    they reach the head, so each carries the running total of what the notices before
+    it told, however many drops land in between.
+
+    Live data can be *held* behind something that must go first: a replay (fed as the
+    client drains: its pieces move into ``pending`` while less than half the limits
+    wait there, then its marker, then what was held), or a new client's join grace.
     """
 
-    __slots__ = ("sock", "pending", "sent", "messages", "bytes", "high_water",
+    __slots__ = ("sock", "notice", "pending", "sent", "messages", "bytes", "high_water",
                  "high_water_bytes", "low_water", "low_water_bytes", "messages_out",
-                 "bytes_out", "progress_at", "dropped", "lost_total", "replay", "marker",
-                 "held", "held_messages", "held_bytes")
+                 "bytes_out", "progress_at", "dropped", "told", "replay", "marker",
+                 "selecting", "held", "held_messages", "held_bytes", "grace")
 
-    def __init__(self, sock: Any, high_water: int, high_water_bytes: int) -> None:
+    def __init__(self, sock: Any, high_water: int, high_water_bytes: int,
+                 notice: Callable[[int, int], bytes] = logic.gap_message) -> None:
         self.sock = sock
+        self.notice = notice  # notice(dropped, total_dropped): a RELAY_GAP frame
         self.pending: collections.deque[Entry] = collections.deque()
         self.sent = 0  # bytes of pending[0] already written
         self.messages = 0  # messages waiting (gap notices and replies count 0)
@@ -716,20 +730,27 @@ class Outbound:
         self.bytes_out = 0
         self.progress_at = _monotonic()  # the last write that made progress
         self.dropped = 0  # messages dropped from this queue (drop_oldest)
-        self.lost_total = 0  # what the gap notices have told: drops plus upstream loss
-        self.replay: collections.deque[Entry] | None = None  # replay entries not fed yet
+        self.told = 0  # the running total of the gap notices built so far
+        self.replay: collections.deque[ReplayPiece] | None = None  # not fed yet
         self.marker = b""  # the RELAY_LIVE frame that follows the replay
-        self.held: collections.deque[Entry] | None = None  # live entries behind a replay
+        self.selecting = False  # the replay is still being selected: nothing to feed yet
+        self.held: collections.deque[Entry] | None = None  # live entries held back
         self.held_messages = 0
         self.held_bytes = 0
+        self.grace = False  # the hold is a new client's join grace, not a replay's
+
+    # -- queueing and writing ------------------------------------------------------------
 
     def push(self, entry: Entry) -> int:
         """Queue ``entry``, writing it at once if nothing waits. Returns 0, ``WAITING``
         when it is the first data left waiting, plus ``OVER`` when more waits than the
         high-water marks allow. Raises ``OSError`` when the write fails."""
         pending = self.pending
-        chunk, count, _ = entry
+        chunk, count, kind = entry
         if not pending and self.held is None:
+            if chunk is GAP_PLACEHOLDER:
+                chunk = self._build_notice(kind)
+                entry = (chunk, 0, kind)
             try:
                 sent = self.sock.send(chunk)
             except _WOULD_BLOCK:
@@ -750,14 +771,19 @@ class Outbound:
             self.messages += count
             self.bytes += len(chunk)
             if held is not None:
-                # A replay is being fed: live data waits behind it, and only that can
-                # put the client over its limits (the replay is fed at most half of them).
+                # Held behind a replay (or a join grace): only what is held can put the
+                # client over its limits (a replay is fed at most half of them).
                 held.append(entry)
                 self.held_messages += count
                 self.held_bytes += len(chunk)
                 if (self.held_messages <= self.high_water
                         and self.held_bytes <= self.high_water_bytes):
                     return 0
+                if self.grace:
+                    # A join grace must not make a client slow that has not asked for
+                    # anything: it ends early, and the held data is written now.
+                    status = self.release()
+                    return status | (OVER if self.over_high_water() else 0)
                 self.write()
                 return OVER if self.over_high_water() else 0
             pending.append(entry)
@@ -777,8 +803,15 @@ class Outbound:
         pending = self.pending
         if not pending:
             return 0
-        buffers: list[bytes | memoryview] = [
-            entry[0] for entry in itertools.islice(pending, WRITE_BATCH_CHUNKS)]
+        buffers: list[bytes | memoryview] = []
+        for index, (chunk, _, kind) in enumerate(itertools.islice(pending,
+                                                                  WRITE_BATCH_CHUNKS)):
+            if chunk is GAP_PLACEHOLDER:
+                if index:
+                    break  # a notice is built at the head, where its total is known
+                chunk = self._build_notice(kind)
+                pending[0] = (chunk, 0, kind)
+            buffers.append(chunk)
         sent = self.sent
         if sent:
             buffers[0] = memoryview(buffers[0])[sent:]
@@ -806,9 +839,15 @@ class Outbound:
             self._feed()
         return delivered
 
+    def _build_notice(self, count: int) -> bytes:
+        """The RELAY_GAP frame of a notice at the head: ``count`` and the running total
+        (both held to u64)."""
+        self.told = min(U64_MAX, self.told + count)
+        return self.notice(min(count, U64_MAX), self.told)
+
     def over_high_water(self) -> bool:
-        """More waits than the high-water marks allow (while a replay is fed: more is
-        held behind it)."""
+        """More waits than the high-water marks allow (while data is held: more is
+        held)."""
         if self.held is not None:
             return self.held_messages > self.high_water or self.held_bytes > self.high_water_bytes
         return self.messages > self.high_water or self.bytes > self.high_water_bytes
@@ -817,71 +856,61 @@ class Outbound:
         """What waits is under both low-water marks (a quarter of the limits)."""
         return self.messages <= self.low_water and self.bytes <= self.low_water_bytes
 
-    def drop_oldest(self, notice: Callable[[int, int], bytes] | None) -> int:
+    # -- losing data, and saying so ------------------------------------------------------
+
+    def drop_oldest(self, notify: bool) -> int:
         """Drop whole chunks from the head, never the one being written, the newest or
         a reply, until the queue is back under its high-water marks; returns the
-        messages dropped. ``notice(dropped, total)`` makes the gap notice queued where
-        they were: it also announces what dropped notices had announced, so the notices
-        a client receives always add up to what it lost. While a replay is fed, the
-        live entries held behind it are the ones dropped."""
+        messages dropped. With ``notify``, a gap notice goes where they were: it also
+        announces what dropped notices had announced, so the notices a client receives
+        always add up to what it lost. While data is held, the held entries are the
+        ones dropped."""
         held = self.held
         queue = held if held is not None else self.pending
         at = 1 if held is None and self.sent else 0
-        dropped = carried = removed_bytes = 0
+        dropped = carried = 0
         while self.over_high_water() and len(queue) > at + 1:
             chunk, count, kind = queue[at]
             if kind == REPLY:
                 at += 1
                 continue
             del queue[at]
+            size = len(chunk)
             self.messages -= count
-            self.bytes -= len(chunk)
-            removed_bytes += len(chunk)
+            self.bytes -= size
+            if held is not None:
+                self.held_messages -= count
+                self.held_bytes -= size
             dropped += count
             if kind > 0:
                 carried += kind
-        if held is not None:
-            self.held_messages -= dropped
-            self.held_bytes -= removed_bytes
+                if chunk is not GAP_PLACEHOLDER:
+                    self.told -= kind  # built at the head, never sent: told again below
         if not dropped and not carried:
             return 0
         self.dropped += dropped
-        self.lost_total += dropped
-        if notice is not None:
-            # Notices queued after this one (upstream loss) come later in the stream:
-            # this one's running total leaves them out, and theirs grow by this drop.
-            later = [i for i in range(at, len(queue)) if queue[i][2] > 0]
-            told_later = sum(queue[i][2] for i in later)
-            for i in later:
-                old_frame, _, told = queue[i]
-                total = logic.decode_gap(logic.parse_message(old_frame).tlvs[0][1]).total_dropped
-                queue[i] = (notice(told, total + dropped), 0, told)
-            frame = notice(dropped + carried, self.lost_total - told_later)
-            queue.insert(at, (frame, 0, dropped + carried))
-            self.bytes += len(frame)
+        if notify:
+            queue.insert(at, (GAP_PLACEHOLDER, 0, min(U64_MAX, dropped + carried)))
+            self.bytes += GAP_FRAME_BYTES
             if held is not None:
-                self.held_bytes += len(frame)
+                self.held_bytes += GAP_FRAME_BYTES
         return dropped
 
-    def tell_lost(self, lost: int, notice: Callable[[int, int], bytes]) -> int:
+    def tell_lost(self, lost: int) -> int:
         """Queue a gap notice for ``lost`` messages lost before reaching this relay,
         after everything already queued (merged into a notice still waiting at the
         tail). Returns ``WAITING`` or 0, as ``push`` does."""
-        self.lost_total += lost
         queue = self.held if self.held is not None else self.pending
-        if queue and queue[-1][2] > 0 and (
-                queue is self.held or len(queue) > 1 or not self.sent):
-            frame, _, told = queue.pop()
-            self.bytes -= len(frame)
-            if queue is self.held:
-                self.held_bytes -= len(frame)
-            lost += told
-        return self.push_notice(notice(lost, self.lost_total), lost)
+        if queue and queue[-1][0] is GAP_PLACEHOLDER:
+            _, _, told = queue.pop()
+            queue.append((GAP_PLACEHOLDER, 0, min(U64_MAX, told + lost)))
+            return 0
+        return self.push_notice(GAP_PLACEHOLDER, min(U64_MAX, lost))
 
     def push_notice(self, frame: bytes, kind: int) -> int:
-        """Queue a frame of the relay's own, a gap notice or a ``REPLY`` (which goes
-        ahead of live data held behind a replay): it counts toward the byte limit only.
-        Returns ``WAITING`` or 0."""
+        """Queue a frame of the relay's own: a gap notice (``GAP_PLACEHOLDER``, built
+        when it is written) or a ``REPLY`` (which goes ahead of held live data). It
+        counts toward the byte limit only. Returns ``WAITING`` or 0."""
         if kind == REPLY and self.held is not None:
             waiting = bool(self.pending)
             self.pending.append((frame, 0, REPLY))
@@ -892,38 +921,23 @@ class Outbound:
             return WAITING if self.pending else 0
         return self.push((frame, 0, kind)) & WAITING
 
-    def start_replay(self, entries: collections.deque[Entry], marker: bytes) -> int:
-        """Send ``entries`` (whole frames), then ``marker``, before any live entry
-        pushed from now on. Returns ``WAITING`` or 0, as ``push`` does."""
-        self.replay = entries
-        self.marker = marker
-        if self.held is None:  # (a new client's live data may be held already)
-            self.held = collections.deque()
-            self.held_messages = self.held_bytes = 0
-        waiting = bool(self.pending)
-        self._feed()
-        if waiting or not self.pending:
-            return 0
-        self.write()
-        return WAITING if self.pending else 0
+    # -- holding live data: replays and the join grace -----------------------------------
 
-    def replaying(self) -> bool:
-        """A replay is still being fed (live data waits behind it)."""
-        return self.replay is not None
-
-    def hold(self) -> None:
-        """Keep live data waiting (a new client that may ask for a replay first)."""
+    def hold(self, grace: bool = False) -> None:
+        """Keep live data waiting from now on (behind a replay, or a ``grace``)."""
         if self.held is None:
             self.held = collections.deque()
             self.held_messages = self.held_bytes = 0
+        self.grace = grace
 
     def release(self) -> int:
-        """Stop holding live data (no replay was asked for): write what was held.
-        Returns ``WAITING`` or 0, as ``push`` does."""
+        """Stop holding live data (a join grace that no replay request came for): write
+        what was held. Returns ``WAITING`` or 0, as ``push`` does."""
         held = self.held
         if held is None or self.replay is not None:
             return 0  # not holding, or a replay now goes first
         self.held = None
+        self.grace = False
         self.held_messages = self.held_bytes = 0
         waiting = bool(self.pending)
         self.pending.extend(held)
@@ -932,29 +946,61 @@ class Outbound:
         self.write()
         return WAITING if self.pending else 0
 
+    def begin_replay(self) -> None:
+        """A replay is being selected: live data is held from now on, and nothing is
+        fed until ``start_replay``."""
+        self.hold()
+        self.replay = collections.deque()
+        self.selecting = True
+
+    def start_replay(self, pieces: Iterable[ReplayPiece], marker: bytes) -> int:
+        """Send ``pieces``, then ``marker``, before any live entry pushed since
+        ``begin_replay`` (or from now on). Returns ``WAITING`` or 0, as ``push`` does."""
+        if self.replay is None:
+            self.begin_replay()
+        assert self.replay is not None
+        self.replay.extend(pieces)
+        self.marker = marker
+        self.selecting = False
+        self.grace = False
+        waiting = bool(self.pending)
+        self._feed()
+        if waiting or not self.pending:
+            return 0
+        self.write()
+        return WAITING if self.pending else 0
+
+    def replaying(self) -> bool:
+        """A replay is being selected or fed (live data waits behind it)."""
+        return self.replay is not None
+
     def _feed(self) -> None:
-        """Move replay entries into pending while less than half the limits wait there;
-        once the replay is all in: the marker, then the live entries held behind it."""
+        """Move replay pieces into pending while less than half the limits wait there
+        (copying a piece's frames out of the ring only now); once the replay is all in:
+        the marker, then the live entries held behind it."""
         replay = self.replay
+        if replay is None or self.selecting:
+            return
         pending = self.pending
-        assert replay is not None
         half, half_bytes = self.high_water // 2, self.high_water_bytes // 2
         fed_messages = self.messages - self.held_messages
         fed_bytes = self.bytes - self.held_bytes
         while replay and (not pending or (fed_messages < half and fed_bytes < half_bytes)):
-            entry = replay.popleft()
-            pending.append(entry)
-            fed_messages += entry[1]
-            fed_bytes += len(entry[0])
-            self.messages += entry[1]
-            self.bytes += len(entry[0])
+            chunk, count, spans = replay.popleft()
+            if spans is not None:
+                chunk = b"".join(chunk[a:b] for a, b in spans)
+            pending.append((chunk, count, 0))
+            fed_messages += count
+            fed_bytes += len(chunk)
+            self.messages += count
+            self.bytes += len(chunk)
         if replay:
             return
         held = self.held
-        assert held is not None
         pending.append((self.marker, 0, REPLY))
         self.bytes += len(self.marker)
-        pending.extend(held)
+        if held is not None:
+            pending.extend(held)
         self.replay = self.held = None
         self.marker = b""
         self.held_messages = self.held_bytes = 0
@@ -964,6 +1010,7 @@ class Outbound:
         self.pending.clear()
         self.messages = self.bytes = self.sent = 0
         self.replay = self.held = None
+        self.selecting = self.grace = False
         self.held_messages = self.held_bytes = 0
 
 
@@ -1056,7 +1103,8 @@ class History:
     bytes (never more than ``limit_bytes``); ``trimmed`` counts what left the ring.
     """
 
-    __slots__ = ("limit", "limit_bytes", "chunks", "messages", "bytes", "serial", "trimmed")
+    __slots__ = ("limit", "limit_bytes", "chunks", "messages", "bytes", "serial", "trimmed",
+                 "trimmed_from")
 
     def __init__(self, limit: int, limit_bytes: int) -> None:
         self.limit = limit
@@ -1066,6 +1114,7 @@ class History:
         self.bytes = 0
         self.serial = 0  # of the newest chunk; a client listed now receives serial + 1 on
         self.trimmed = 0
+        self.trimmed_from: collections.Counter[int] = collections.Counter()  # per sender
 
     def append(self, chunk: bytes, count: int, sender: int, bridge: bool) -> None:
         """Keep one forwarded chunk; forget the oldest beyond the bounds."""
@@ -1080,69 +1129,8 @@ class History:
             self.messages -= oldest[1]
             self.bytes -= len(oldest[0])
             self.trimmed += oldest[1]
+            self.trimmed_from[oldest[3]] += oldest[1]
 
-    def select(self, client: Client, replay: logic.Replay, received: list[Segment],
-               replayed: list[Replayed]) -> tuple[collections.deque[Entry], int,
-                                                  tuple[int, int] | None]:
-        """The replay for ``client`` under its (new) subscription: the retained
-        messages among the ``last`` it would receive whose timestamp is ``>= since_ns``,
-        never its own, never what it already received live (``received``) or in an
-        earlier replay (``replayed``), never what another bridge published when it is a
-        bridge. Returns the entries, oldest first, how many messages they hold, and
-        where the oldest is: ``(serial, index in its chunk)``."""
-        mode, types, bridge = client.mode, client.types, client.bridge
-        wanted = replay.last or math.inf
-        since_ns = replay.since_ns
-        picked: list[Entry] = []
-        found = 0
-        cut: tuple[int, int] | None = None
-        stretch = len(received) - 1  # walk the stretches backwards with the chunks
-        for chunk, count, serial, sender, sender_bridge in reversed(self.chunks):
-            if found >= wanted:
-                break
-            if sender == client.id or (bridge and sender_bridge):
-                continue
-            while stretch >= 0 and received[stretch][0] > serial:
-                stretch -= 1
-            # What of this chunk it received live: nothing, all of it, or some types.
-            seen: frozenset[int] | None = None
-            if stretch >= 0 and serial < received[stretch][1]:
-                _, _, seen_mode, seen_types, seen_bridge = received[stretch]
-                if seen_bridge and sender_bridge or seen_mode == SUBSCRIBE_NONE:
-                    seen = None
-                elif seen_mode == SUBSCRIBE_ALL:
-                    continue
-                else:
-                    seen = seen_types
-            earlier = [r for r in replayed if r[0] <= serial < r[2]
-                       and not (r[5] and sender_bridge)]
-            if (mode == SUBSCRIBE_ALL and seen is None and not earlier and not since_ns
-                    and count <= wanted - found):
-                picked.append((chunk, count, 0))  # the whole chunk, no copy
-                found += count
-                cut = (serial, 0)
-                continue
-            frames: list[tuple[int, bytes]] = []
-            pos, end, index = 0, len(chunk), 0
-            while pos < end:
-                header = HEADER.unpack_from(chunk, pos)
-                nxt = pos + HEADER_SIZE + header[7]
-                first_type = logic.first_tlv_type(chunk, pos)
-                if ((mode == SUBSCRIBE_ALL or first_type in types)
-                        and (seen is None or first_type not in seen)
-                        and header[6] >= since_ns
-                        and not any(_replayed_in(r, serial, index, first_type, header[6])
-                                    for r in earlier)):
-                    frames.append((index, chunk[pos:nxt]))
-                pos = nxt
-                index += 1
-            if frames:
-                keep = frames[-int(min(len(frames), wanted - found)):]
-                picked.append((b"".join(frame for _, frame in keep), len(keep), 0))
-                found += len(keep)
-                cut = (serial, keep[0][0])
-        picked.reverse()
-        return collections.deque(picked), found, cut
 
 
 # An earlier replay to a client: (serial and index of its oldest frame, the serial after
@@ -1156,6 +1144,108 @@ def _replayed_in(record: Replayed, serial: int, index: int, first_type: int | No
     cut_serial, cut_index, _, mode, types, _, since_ns = record
     return ((serial > cut_serial or index >= cut_index)
             and (mode == SUBSCRIBE_ALL or first_type in types) and timestamp_ns >= since_ns)
+
+
+class ReplaySelection:
+    """One client's replay being chosen from the ring, a bounded amount of work at a
+    time: the loop gives it about ``REPLAY_STEP_FRAMES`` frames a turn, so a ring of a
+    million messages never stalls the relay. It walks a snapshot of the ring (references
+    only) from the newest chunk back and picks what the client's subscription selects:
+    among the ``last`` it would receive, with a timestamp ``>= since_ns``, never its own,
+    never what it already received live (``received``) or in an earlier replay
+    (``replayed``), never what another bridge published when it is a bridge, and never
+    below ``floor`` (stretches it received that the relay has forgotten)."""
+
+    def __init__(self, history: History, client: Client, replay: logic.Replay,
+                 received: list[Segment], replayed: list[Replayed], floor: int) -> None:
+        self.chunks = list(history.chunks)
+        self.index = len(self.chunks) - 1
+        self.client_id = client.id
+        self.replay = replay
+        self.mode, self.types, self.bridge = client.mode, client.types, client.bridge
+        self.wanted = replay.last or math.inf
+        self.since_ns = replay.since_ns
+        self.received = received
+        self.stretch = len(received) - 1
+        self.replayed = replayed
+        self.floor = floor
+        self.picked: list[ReplayPiece] = []
+        self.found = 0
+        self.cut: tuple[int, int] | None = None  # (serial, index) of the oldest picked
+        self.below_floor = 0  # retained messages not offered: under the floor
+
+    def step(self, budget: int) -> bool:
+        """Look at about ``budget`` frames (a whole chunk taken or skipped counts one);
+        True when the selection is complete."""
+        chunks = self.chunks
+        while self.index >= 0 and self.found < self.wanted and budget > 0:
+            chunk, count, serial, sender, sender_bridge = chunks[self.index]
+            if serial < self.floor:
+                self.below_floor = sum(c[1] for c in chunks[:self.index + 1])
+                self.index = -1
+                break
+            self.index -= 1
+            budget -= 1
+            if sender == self.client_id or (self.bridge and sender_bridge):
+                continue
+            received = self.received
+            while self.stretch >= 0 and received[self.stretch][0] > serial:
+                self.stretch -= 1
+            # What of this chunk it received live: nothing, all of it, or some types.
+            seen: frozenset[int] | None = None
+            if self.stretch >= 0 and serial < received[self.stretch][1]:
+                _, _, seen_mode, seen_types, seen_bridge = received[self.stretch]
+                if seen_bridge and sender_bridge or seen_mode == SUBSCRIBE_NONE:
+                    seen = None
+                elif seen_mode == SUBSCRIBE_ALL:
+                    continue
+                else:
+                    seen = seen_types
+            earlier = [r for r in self.replayed if r[0] <= serial < r[2]
+                       and not (r[5] and sender_bridge)]
+            if (self.mode == SUBSCRIBE_ALL and seen is None and not earlier
+                    and not self.since_ns and count <= self.wanted - self.found):
+                self.picked.append((chunk, count, None))  # the whole chunk
+                self.found += count
+                self.cut = (serial, 0)
+                continue
+            budget -= count
+            self._pick_frames(chunk, serial, seen, earlier)
+        return self.index < 0 or self.found >= self.wanted
+
+    def _pick_frames(self, chunk: bytes, serial: int, seen: frozenset[int] | None,
+                     earlier: list[Replayed]) -> None:
+        mode, types, since_ns = self.mode, self.types, self.since_ns
+        spans: list[tuple[int, int, int]] = []  # (index in the chunk, start, end)
+        pos, end, index = 0, len(chunk), 0
+        while pos < end:
+            header = HEADER.unpack_from(chunk, pos)
+            nxt = pos + HEADER_SIZE + header[7]
+            first_type = logic.first_tlv_type(chunk, pos)
+            if ((mode == SUBSCRIBE_ALL or first_type in types)
+                    and (seen is None or first_type not in seen)
+                    and header[6] >= since_ns
+                    and not any(_replayed_in(r, serial, index, first_type, header[6])
+                                for r in earlier)):
+                spans.append((index, pos, nxt))
+            pos = nxt
+            index += 1
+        if not spans:
+            return
+        keep = spans[-int(min(len(spans), self.wanted - self.found)):]
+        merged: list[tuple[int, int]] = []
+        for _, start, stop in keep:  # neighbouring frames as one slice
+            if merged and merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], stop)
+            else:
+                merged.append((start, stop))
+        self.picked.append((chunk, len(keep), tuple(merged)))
+        self.found += len(keep)
+        self.cut = (serial, keep[0][0])
+
+    def pieces(self) -> list[ReplayPiece]:
+        """What was picked, oldest first."""
+        return self.picked[::-1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -1178,7 +1268,7 @@ class Client:
         # subscription, the fan-out lists it is in (a bit mask), and what it received
         # live: the serial its current subscription started at and earlier stretches
         "mode", "types", "gap_notices", "bridge", "subscribed", "listed", "lists", "since",
-        "received", "replays", "joining",
+        "received", "replays", "floor", "joining", "query_tokens", "query_at",
         # outbound queue
         "out",
         # state
@@ -1214,6 +1304,9 @@ class Client:
         self.since = 0  # History serial of the first chunk its subscription received
         self.received: list[Segment] = []  # earlier stretches (History is on)
         self.replays: list[Replayed] = []  # what earlier replays sent it
+        self.floor = 0  # no replay reaches below this serial (stretches it forgot)
+        self.query_tokens = float(QUERY_BURST)
+        self.query_at = 0.0
         self.joining = False  # new, silent: its live data is held for JOIN_GRACE_S
         self.out = out
         self.reading = True
@@ -1362,6 +1455,7 @@ class Relay:
         self.local_selective: dict[Client, None] = {}
         self.failed_writers: list[Client] = []  # write failed: read what they sent, close
         self.joiners: dict[Client, float] = {}  # new clients whose live data is held: until
+        self.selections: dict[Client, ReplaySelection] = {}  # replays being chosen
         self.closed_clients: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=CLOSED_CLIENTS_KEPT)
         self.next_client_id = 1
@@ -1562,6 +1656,8 @@ class Relay:
                 for client, until in list(self.joiners.items()):
                     if now >= until:
                         self._joined(client)
+            if self.selections:
+                self._select_replays()
             if self.backpressure.paused:
                 self._check_stalls(now)
             if self.accept_resume_at and now >= self.accept_resume_at:
@@ -1574,6 +1670,8 @@ class Relay:
                 self._log_stats()
 
     def _timeout(self, next_stats: float) -> float | None:
+        if self.selections:
+            return 0.0  # replays are being chosen: a turn of work each loop
         deadline = min(next_stats, self.backpressure.deadline())
         if self.joiners:
             deadline = min(deadline, *self.joiners.values())
@@ -1645,7 +1743,8 @@ class Relay:
             return
         sock.setblocking(False)
         client = Client(self.next_client_id, sock,
-                        Outbound(sock, self.queue_limit, self.queue_bytes), credentials)
+                        Outbound(sock, self.queue_limit, self.queue_bytes, self._gap_notice),
+                        credentials)
         self.next_client_id += 1
         self.connections_total += 1
         self.clients[client.fileno] = client
@@ -1664,7 +1763,7 @@ class Relay:
                 and client.mode != SUBSCRIBE_NONE):
             # It sent nothing with its connect yet: hold its live data a moment, so a
             # replay request on its way still comes first (the seam stays in order).
-            client.out.hold()
+            client.out.hold(grace=True)
             client.joining = True
             self.joiners[client] = _monotonic() + JOIN_GRACE_S
         client.listed = True
@@ -2017,7 +2116,7 @@ class Relay:
     def _drop_oldest(self, client: Client) -> None:
         """drop_oldest: drop whole chunks from the head of its queue; tell it in-band."""
         out = client.out
-        dropped = out.drop_oldest(self._gap_notice if client.gap_notices else None)
+        dropped = out.drop_oldest(client.gap_notices)
         if not dropped:
             return
         self.messages_dropped += dropped
@@ -2093,10 +2192,13 @@ class Relay:
         if frame[HEADER_SIZE:] == client.subscribed:
             return  # the same RELAY_SUBSCRIBE again (no replay): nothing changes
         try:
-            _, tlvs = logic.parse_message(frame)
-        except ProtocolError as exc:
+            self._apply_control(client, frame, pos)
+        except (ProtocolError, ValueError, OverflowError) as exc:
+            # Whatever a control frame holds, it is counted, never let out of the loop.
             self._refuse(client, f"bad control frame: {exc}", pos, True)
-            return
+
+    def _apply_control(self, client: Client, frame: bytes, pos: int) -> None:
+        _, tlvs = logic.parse_message(frame)
         kind = tlvs[0][0]
         if kind == RELAY_SUBSCRIBE:
             self._subscribe(client, tlvs, pos)
@@ -2136,9 +2238,7 @@ class Relay:
             # What it received under the old subscription, for a replay's seam.
             if before[0] != SUBSCRIBE_NONE and client.since <= history.serial:
                 client.received.append((client.since, history.serial + 1, *before))
-                oldest = history.chunks[0][2] if history.chunks else history.serial + 1
-                client.received = [r for r in client.received[-SEGMENTS_KEPT:]
-                                   if r[1] > oldest]
+                client.received = self._forget(client, client.received, SEGMENTS_KEPT)
             client.since = history.serial + 1
         self._relist(client)
         if client.mode == SUBSCRIBE_NONE:
@@ -2151,36 +2251,52 @@ class Relay:
             self._replay(client, replay, pos)
 
     def _replay(self, client: Client, replay: logic.Replay, pos: int) -> None:
-        """Queue the retained messages the client asked for, then the RELAY_LIVE
-        marker; live traffic follows (the seam: nothing twice, nothing missed)."""
-        out = client.out
+        """Start a replay: live data is held from now on, and the retained messages the
+        client asked for are chosen a turn of work at a time (``_select_replays``);
+        then they go out, then the RELAY_LIVE marker, then what was held (the seam:
+        nothing twice, nothing missed)."""
         history = self.history
         if history is None or client.mode == SUBSCRIBE_NONE:
-            entries: collections.deque[Entry] = collections.deque()
-            found = 0
-            trimmed = replay.last if history is None else 0
-        else:
-            received = list(client.received)
-            if client.listed and client.mode != SUBSCRIBE_NONE and (
-                    client.since <= history.serial):
-                received.append((client.since, history.serial + 1, client.mode,
-                                 client.types, client.bridge))
-            entries, found, cut = history.select(client, replay, received, client.replays)
-            if cut is not None:
-                client.replays.append((*cut, history.serial + 1, client.mode, client.types,
-                                       client.bridge, replay.since_ns))
-                oldest = history.chunks[0][2]
-                client.replays = [r for r in client.replays[-REPLAYS_KEPT:] if r[2] > oldest]
-            trimmed = history.trimmed
+            self._send_replay(client, replay, [], 0, replay.last if history is None else 0)
+            return
+        received = list(client.received)
+        if client.listed and client.since <= history.serial:
+            received.append((client.since, history.serial + 1, client.mode, client.types,
+                             client.bridge))
+        client.out.begin_replay()
+        self.selections[client] = ReplaySelection(history, client, replay, received,
+                                                  client.replays, client.floor)
+
+    def _select_replays(self) -> None:
+        """A turn of selection work for every replay being chosen; send those done."""
+        budget = max(1000, REPLAY_STEP_FRAMES // len(self.selections))
+        for client, selection in list(self.selections.items()):
+            if not selection.step(budget):
+                continue
+            del self.selections[client]
+            history = self.history
+            assert history is not None
+            replay = selection.replay
+            if selection.cut is not None:
+                client.replays.append((*selection.cut, history.serial + 1, selection.mode,
+                                       selection.types, selection.bridge, replay.since_ns))
+                client.replays = self._forget(client, client.replays, REPLAYS_KEPT)
+            # What left the ring, but never the client's own (it would not get them).
+            lost = (history.trimmed - history.trimmed_from[client.id]
+                    + selection.below_floor)
             if replay.since_ns and history.chunks and (
                     HEADER.unpack_from(history.chunks[0][0])[6] <= replay.since_ns):
-                trimmed = 0  # the time bound falls inside the ring: nothing asked for left it
-        unavailable = min(replay.last - found, trimmed) if replay.last > found else 0
+                lost = selection.below_floor  # the time bound falls inside the ring
+            self._send_replay(client, replay, selection.pieces(), selection.found, lost)
+
+    def _send_replay(self, client: Client, replay: logic.Replay,
+                     pieces: list[ReplayPiece], found: int, lost: int) -> None:
+        unavailable = min(replay.last - found, lost) if replay.last > found else 0
         self.notice_sequence += 1
         marker = logic.live_message(found, unavailable, source=self.relay_source,
                                     sequence=self.notice_sequence)
         try:
-            status = out.start_replay(entries, marker)
+            status = client.out.start_replay(pieces, marker)
         except OSError as exc:
             self._write_failed(client, exc)
             return
@@ -2188,6 +2304,20 @@ class Relay:
             self._pushed(client, status)
         log.debug("%s: replaying %d messages (%d unavailable)", client.label, found,
                   unavailable)
+
+    def _forget(self, client: Client, records: list[Any], kept: int) -> list[Any]:
+        """Keep the last ``kept`` records of what a client received (stretches, or
+        replays: the serial after each is ``record[1]`` / ``record[2]``) that the ring
+        still holds. A record forgotten while the ring still holds its chunks raises
+        the client's floor: no replay reaches below it (nothing twice)."""
+        history = self.history
+        assert history is not None
+        oldest = history.chunks[0][2] if history.chunks else history.serial + 1
+        end = 1 if len(records[0]) == 5 else 2  # Segment or Replayed
+        for record in records[:-kept]:
+            if record[end] > oldest:
+                client.floor = max(client.floor, record[end])
+        return [r for r in records[-kept:] if r[end] > oldest]
 
     def _upstream_gap(self, bridge: Client, value: bytes, pos: int) -> None:
         """A bridge reports messages lost before they reached this host: every other
@@ -2205,7 +2335,7 @@ class Relay:
                     or client.mode == SUBSCRIBE_NONE):
                 continue
             try:
-                status = client.out.tell_lost(gap.dropped, self._gap_notice)
+                status = client.out.tell_lost(gap.dropped)
             except OSError as exc:
                 self._write_failed(client, exc)
                 continue
@@ -2223,6 +2353,15 @@ class Relay:
             return
         if client.leaving:
             return
+        now = _monotonic()
+        client.query_tokens = min(float(QUERY_BURST), client.query_tokens
+                                  + (now - client.query_at) * QUERY_RATE_S)
+        client.query_at = now
+        if client.query_tokens < 1:
+            self._refuse(client, f"query not answered: more than {QUERY_RATE_S:g} a second "
+                         "from one client", pos, True)
+            return
+        client.query_tokens -= 1
         if client.out.bytes > self.queue_bytes:
             # Replies are never dropped, so a client that asks and never reads would
             # grow its queue without bound: it gets no answer until it drains.
@@ -2300,6 +2439,9 @@ class Relay:
         client.closed = True
         client.leaving = True
         self.joiners.pop(client, None)
+        self.selections.pop(client, None)
+        if self.history is not None:
+            self.history.trimmed_from.pop(client.id, None)  # it will never ask again
         try:
             self.selector.unregister(client.sock)
         except (KeyError, ValueError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import math
 import os
@@ -1164,7 +1165,7 @@ def queued(out: Any) -> list[tuple[int, int]]:
 
 
 def outbound(sock: FakeSocket, high_water: int = 100, high_water_bytes: int = 1 << 30) -> Any:
-    return relay.Outbound(sock, high_water, high_water_bytes)
+    return relay.Outbound(sock, high_water, high_water_bytes, notice)
 
 
 def test_outbound_push_writes_at_once_when_nothing_waits_and_queues_nothing() -> None:
@@ -1280,15 +1281,15 @@ def test_outbound_drop_oldest_never_drops_the_chunk_being_written_the_newest_or_
     assert out.push_notice(reply, relay.REPLY) == 0
     out.push((frames(4), 1, 0))
     assert out.push((frames(5), 1, 0)) == relay.OVER  # 5 messages > 4
-    dropped = out.drop_oldest(notice)
+    dropped = out.drop_oldest(True)
     assert dropped == 1  # frame 3: the first chunk is being written, the reply stays
     assert queued(out) == [(2, 0), (0, 1), (0, relay.REPLY), (1, 0), (1, 0)]
-    assert (out.dropped, out.lost_total) == (1, 1)
-    assert gap_of(out.pending[1][0]) == (1, 1)  # where the drop happened
+    assert out.dropped == 1
+    assert out.pending[1] == (relay.GAP_PLACEHOLDER, 0, 1)  # where the drop happened
 
     for seq in range(6, 12):
         out.push((frames(seq), 1, 0))
-    dropped = out.drop_oldest(notice)
+    dropped = out.drop_oldest(True)
     assert not out.over_high_water()
     assert out.pending[0][0] == frames(1, 2) and out.sent == 10
     assert out.pending[1][0] == reply
@@ -1303,17 +1304,19 @@ def test_outbound_drop_oldest_never_drops_the_chunk_being_written_the_newest_or_
     data = [sequence_of(f) for f, g in zip(delivered, gaps, strict=True)
             if g is None and f != reply]
     lost = sum(g[0] for g in gaps if g is not None)
-    assert lost == out.lost_total == out.dropped == 11 - len(data)
+    assert lost == out.dropped == 11 - len(data)
+    assert [g[1] for g in gaps if g is not None] == list(itertools.accumulate(
+        g[0] for g in gaps if g is not None))  # running totals
 
 
 def test_outbound_drop_oldest_may_drop_the_head_when_none_of_it_was_written() -> None:
     out = outbound(FakeSocket(budget=0), high_water=2)
     for seq in range(1, 5):
         out.push((frames(seq), 1, 0))
-    assert out.drop_oldest(notice) == 2
+    assert out.drop_oldest(True) == 2
     assert queued(out) == [(0, 2), (1, 0), (1, 0)]
     assert [sequence_of(e[0]) for e in list(out.pending)[1:]] == [3, 4]
-    assert gap_of(out.pending[0][0]) == (2, 2)
+    assert out.pending[0] == (relay.GAP_PLACEHOLDER, 0, 2)  # built when it is written
 
 
 def test_outbound_drop_oldest_keeps_the_newest_even_when_it_alone_is_over_the_limit() -> None:
@@ -1322,11 +1325,11 @@ def test_outbound_drop_oldest_keeps_the_newest_even_when_it_alone_is_over_the_li
     out.push((frames(2), 1, 0))
     big = frames(3, 5)  # 370 bytes: over the byte limit on its own
     assert out.push((big, 5, 0)) == relay.OVER
-    assert out.drop_oldest(notice) == 2
+    assert out.drop_oldest(True) == 2
     assert queued(out) == [(0, 2), (5, 0)]
     assert out.pending[-1][0] == big
     assert out.over_high_water()  # what is left cannot be dropped
-    assert out.drop_oldest(notice) == 0
+    assert out.drop_oldest(True) == 0
     assert queued(out) == [(0, 2), (5, 0)]
 
 
@@ -1335,15 +1338,16 @@ def test_outbound_a_dropped_gap_notice_is_carried_into_the_next_so_notices_add_u
     out = outbound(sock, high_water=2)
     for seq in range(1, 5):
         out.push((frames(seq), 1, 0))
-    assert out.drop_oldest(notice) == 2  # [gap 2, 3, 4]
+    assert out.drop_oldest(True) == 2  # [gap 2, 3, 4]
     for seq in range(5, 8):
         out.push((frames(seq), 1, 0))  # [gap 2, 3, 4, 5, 6, 7]
-    assert out.drop_oldest(notice) == 3  # the first notice goes too: carried
+    assert out.drop_oldest(True) == 3  # the first notice goes too: carried
     assert queued(out) == [(0, 5), (1, 0), (1, 0)]
-    assert gap_of(out.pending[0][0]) == (5, 5)
-    assert (out.dropped, out.lost_total) == (5, 5)
+    assert out.pending[0] == (relay.GAP_PLACEHOLDER, 0, 5)
+    assert out.dropped == 5
     sock.budget = None
-    out.write()
+    while out.pending:
+        out.write()
     delivered = split_frames(bytes(sock.received))
     assert [gap_of(f) for f in delivered] == [(5, 5), None, None]
     assert [sequence_of(f) for f in delivered[1:]] == [6, 7]
@@ -1353,42 +1357,46 @@ def test_outbound_without_gap_notices_drop_oldest_drops_and_counts_silently() ->
     out = outbound(FakeSocket(budget=0), high_water=2)
     for seq in range(1, 6):
         out.push((frames(seq), 1, 0))
-    assert out.drop_oldest(None) == 3
+    assert out.drop_oldest(False) == 3
     assert queued(out) == [(1, 0), (1, 0)]
-    assert (out.dropped, out.lost_total) == (3, 3)
-    assert out.drop_oldest(None) == 0  # under the limit: nothing to do
+    assert out.dropped == 3
+    assert out.drop_oldest(False) == 0  # under the limit: nothing to do
 
 
 def test_outbound_tell_lost_merges_into_a_gap_notice_waiting_at_the_tail() -> None:
     sock = FakeSocket(budget=0)
     out = outbound(sock)
     out.push((frames(1), 1, 0))
-    assert out.tell_lost(3, notice) == 0
-    assert out.tell_lost(4, notice) == 0  # merged into the waiting notice
+    assert out.tell_lost(3) == 0
+    assert out.tell_lost(4) == 0  # merged into the waiting notice
     assert queued(out) == [(1, 0), (0, 7)]
-    assert gap_of(out.pending[-1][0]) == (7, 7)
     out.push((frames(2), 1, 0))
-    assert out.tell_lost(1, notice) == 0  # data behind it: a new notice
+    assert out.tell_lost(1) == 0  # data behind it: a new notice
     assert queued(out) == [(1, 0), (0, 7), (1, 0), (0, 1)]
-    assert gap_of(out.pending[-1][0]) == (1, 8)
-    assert out.lost_total == 8 and out.dropped == 0
+    assert out.dropped == 0
+    sock.budget = None
+    while out.pending:
+        out.write()
+    assert [gap_of(f) for f in split_frames(bytes(sock.received))] == [
+        None, (7, 7), None, (1, 8)]
 
 
 def test_outbound_tell_lost_never_merges_into_a_notice_being_written() -> None:
     sock = FakeSocket(budget=5)
     out = outbound(sock)
-    assert out.tell_lost(2, notice) == relay.WAITING  # 5 bytes of it written
-    assert out.tell_lost(3, notice) == 0
+    assert out.tell_lost(2) == relay.WAITING  # 5 bytes of it written
+    assert out.tell_lost(3) == 0
     assert queued(out) == [(0, 2), (0, 3)]
     sock.budget = None
-    out.write()
+    while out.pending:  # a notice is built when it reaches the head: one write each
+        out.write()
     assert [gap_of(f) for f in split_frames(bytes(sock.received))] == [(2, 2), (3, 5)]
 
 
 def test_outbound_tell_lost_on_an_empty_queue_writes_the_notice_at_once() -> None:
     sock = FakeSocket()
     out = outbound(sock)
-    assert out.tell_lost(6, notice) == 0
+    assert out.tell_lost(6) == 0
     assert not out.pending
     assert [gap_of(f) for f in split_frames(bytes(sock.received))] == [(6, 6)]
 
@@ -1400,13 +1408,14 @@ def test_outbound_gap_notice_totals_never_run_ahead_of_the_notices_before_them()
     out = outbound(sock, high_water=3)
     for seq in range(1, 4):
         out.push((frames(seq), 1, 0))
-    out.tell_lost(5, notice)  # a bridge reports 5 lost upstream: a notice at the tail
+    out.tell_lost(5)  # a bridge reports 5 lost upstream: a notice at the tail
     out.push((frames(4), 1, 0))  # 4 > 3: the oldest message goes
-    assert out.drop_oldest(notice) == 1
+    assert out.drop_oldest(True) == 1
     sock.budget = None
-    out.write()
+    while out.pending:
+        out.write()
     gaps = [g for g in map(gap_of, split_frames(bytes(sock.received))) if g is not None]
-    assert sum(d for d, _ in gaps) == out.lost_total == 6
+    assert sum(d for d, _ in gaps) == 6
     running_total = 0
     for dropped, total in gaps:
         running_total += dropped
@@ -1423,7 +1432,7 @@ def test_outbound_random_operations_deliver_whole_frames_in_order_and_gaps_add_u
         sock = FakeSocket(budget=0)
         out = outbound(sock, high_water=rng.choice((1, 3, 10)),
                        high_water_bytes=rng.choice((300, 2000, 1 << 30)))
-        sequence = 0
+        sequence = upstream = 0
         for _ in range(rng.randrange(5, 80)):
             roll = rng.random()
             if roll < 0.55:
@@ -1431,7 +1440,7 @@ def test_outbound_random_operations_deliver_whole_frames_in_order_and_gaps_add_u
                 status = out.push((frames(sequence + 1, count), count, 0))
                 sequence += count
                 if status & relay.OVER:
-                    out.drop_oldest(notice)
+                    out.drop_oldest(True)
             elif roll < 0.8:
                 sock.budget = rng.choice((0, 1, 33, 74, 200, 1000))
                 out.write()
@@ -1439,15 +1448,16 @@ def test_outbound_random_operations_deliver_whole_frames_in_order_and_gaps_add_u
                 out.push_notice(reply, relay.REPLY)
             elif roll < 0.95:
                 lost = rng.randrange(1, 4)
-                out.tell_lost(lost, notice)  # lost upstream: sequences never sent here
+                out.tell_lost(lost)  # lost upstream: sequences never sent here
                 sequence += lost
+                upstream += lost
             else:
-                out.drop_oldest(notice)
+                out.drop_oldest(True)
             queued(out)
             assert out.sent < len(out.pending[0][0]) if out.pending else out.sent == 0
         sock.budget = None
-        out.write()
-        assert not out.pending
+        while out.pending:
+            out.write()
         announced = last = 0
         for frame in split_frames(bytes(sock.received)):
             gap = gap_of(frame)
@@ -1458,7 +1468,7 @@ def test_outbound_random_operations_deliver_whole_frames_in_order_and_gaps_add_u
                 assert seq - last - 1 == announced, f"case {case}: before {seq}"
                 last, announced = seq, 0
         assert sequence - last == announced, f"case {case}: at the end"
-        assert out.messages_out + out.dropped == sequence - (out.lost_total - out.dropped)
+        assert out.messages_out + out.dropped + upstream == sequence
 
 
 # -- Backpressure: pause, hold, release, stalls ---------------------------------------------
@@ -1543,3 +1553,78 @@ def test_backpressure_deadline_is_the_earliest_stall_and_inf_when_none_can_stall
     forever.pause({stand_in()}, 100.0)
     assert forever.deadline() == math.inf
     assert forever.stalled(1e18) == []
+
+
+# -- What a hostile review found: control frames that must never hurt the relay ---------
+
+
+def _read_frames(sock: socket.socket, until: Callable[[list[bytes]], bool]) -> list[bytes]:
+    data = b""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not until(split_frames(data)):
+        assert time.monotonic() < deadline, f"timed out with {split_frames(data)}"
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data += sock.recv(1 << 20)
+    return split_frames(data)
+
+
+def test_a_bridges_relay_gap_of_any_size_never_stops_the_relay_and_totals_stay_u64(
+        start_relay: StartRelay) -> None:
+    """A (self-declared) bridge reports the largest loss the wire can carry, twice: the
+    relay keeps serving, and the consumer's notices say so with totals held to u64."""
+    running = start_relay()
+    largest = (1 << 64) - 1
+    with connect_raw(running.path) as consumer, connect_raw(running.path) as bridge:
+        consumer.sendall(subscribe_message(SUBSCRIBE_ALL, gap_notices=True))
+        bridge.sendall(subscribe_message(SUBSCRIBE_ALL, bridge=True))
+        running.wait_for(lambda: running.stats().messages_in >= 2)
+        for _ in range(2):
+            bridge.sendall(logic.gap_message(largest, largest))
+        frames = _read_frames(consumer, lambda f: len(f) >= 1)
+        bridge.sendall(market_frame(1))
+        frames += _read_frames(consumer, lambda f: any(gap_of(x) is None for x in f))
+    gaps = [gap_of(f) for f in frames if gap_of(f) is not None]
+    # one notice each (or merged, had the first still waited), totals held to u64
+    assert gaps in ([(largest, largest)] * 2, [(largest, largest)])
+    assert running.relay.stats().protocol_errors == 0
+    assert "you" in relay.query(running.path, logic.QUERY_STATS)  # still serving
+
+
+def test_queued_gap_notices_are_built_when_they_reach_the_head_not_rebuilt_per_drop() -> None:
+    """Notices wait as their count alone (GAP_PLACEHOLDER) and are built when written,
+    so a drop in front of thousands of queued notices costs no more than one."""
+    sock = FakeSocket(budget=0)
+    out = outbound(sock, high_water=5000)
+    for seq in range(1, 2001):  # data, notice, data, notice, ...: a bridge's small losses
+        out.push((frames(seq), 1, 0))
+        out.tell_lost(1)
+    assert all(chunk is relay.GAP_PLACEHOLDER for chunk, _, kind in out.pending if kind > 0)
+    out.push((frames(2001, 4000), 4000, 0))  # over the limit: the oldest go
+    assert out.drop_oldest(True) > 0
+    assert sum(chunk is not relay.GAP_PLACEHOLDER
+               for chunk, _, kind in out.pending if kind > 0) == 0
+    sock.budget = None
+    while out.pending:
+        out.write()
+    gaps = [g for g in map(gap_of, split_frames(bytes(sock.received))) if g is not None]
+    assert [g.total_dropped for g in gaps] == list(itertools.accumulate(
+        g.dropped for g in gaps))
+
+
+def test_a_flood_of_queries_from_one_client_is_answered_only_up_to_its_rate(
+        start_relay: StartRelay) -> None:
+    """Each query costs a pass over every client: one client's burst of them is
+    answered up to relay.QUERY_BURST, the rest are counted invalid, and a query after a
+    pause is answered again."""
+    running = start_relay()
+    flood = relay.QUERY_BURST + 50
+    with connect_raw(running.path) as asker:
+        asker.sendall(subscribe_message(SUBSCRIBE_NONE)
+                      + logic.query_message(logic.QUERY_STATS) * flood)
+        running.wait_for(lambda: running.stats().messages_in >= flood + 1)
+        answers = _read_frames(asker, lambda f: len(f) >= relay.QUERY_BURST)
+        time.sleep(0.3)
+        asker.sendall(logic.query_message(logic.QUERY_STATS))
+        answers += _read_frames(asker, lambda f: len(f) >= 1)
+    assert len(answers) <= relay.QUERY_BURST + 1 + int(0.5 * relay.QUERY_RATE_S)
+    assert running.stats().messages_invalid >= flood - len(answers)

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 import logic
+import relay
 from conftest import (
     PRICE,
     TIMEOUT_S,
@@ -42,6 +43,7 @@ from conftest import (
     RunningRelay,
     StartRelay,
     assert_nothing_more,
+    connect_raw,
     domain_of,
     finish,
     gap_of,
@@ -60,6 +62,7 @@ from logic import (
     RELAY_LIVE,
     RELAY_REPORT,
     SUBSCRIBE_ALL,
+    SUBSCRIBE_NONE,
     SUBSCRIBE_TYPES,
     TLV_GAS_PRICE,
     TLV_TRADE,
@@ -1443,3 +1446,139 @@ def test_replay_paces_a_recording_whose_first_timestamp_is_zero(
     paced = write_file(os.path.join(socket_dir, "zero.torq"), b"".join(
         trade_frame(n, ts=ts) for n, ts in enumerate((0, 800_000_000, 900_000_000))))
     assert arrival_spread(cli, running, paced, 3, "--speed", "1") >= 0.75
+
+
+# ---------------------------------------------------------------------------------------
+# What a hostile review found: replays and the join grace under pressure
+# ---------------------------------------------------------------------------------------
+
+
+def test_live_data_over_the_limit_during_a_replay_loses_only_the_overflow(
+        start_relay: StartRelay) -> None:
+    """A joiner still being fed a replay gets 101 live messages with room for 100: it
+    loses one (told by a gap notice), not the whole queue held behind the replay."""
+    running = start_relay(retain=100_000, queue_limit=100)
+    with running.client(publish_only=True) as publisher:
+        publish_chunks(running, publisher, [[trade_frame(n) for n in range(1, 3001)]])
+        joiner = connect_raw(running.path)  # asks and does not read yet
+        joiner.sendall(subscribe_message(SUBSCRIBE_ALL, gap_notices=True,
+                                         replay=Replay(0, 0)))
+        running.wait_for(lambda: client_info(running, lambda c: c["replaying"]))
+        publish_each(running, publisher, [trade_frame(n) for n in range(3001, 3102)])
+        running.wait_for(lambda: running.stats().messages_dropped >= 1)
+    frames: list[bytes] = []
+    data = b""
+    joiner.settimeout(TIMEOUT_S)
+    while len(frames) < 3000 + 1 + 100 + 1:  # replay, marker, live, one gap notice
+        data += joiner.recv(1 << 20)
+        frames = split_frames(data)
+    joiner.close()
+    gaps = [gap_of(f) for f in frames if gap_of(f) is not None]
+    assert running.stats().messages_dropped == 1 and [g.dropped for g in gaps] == [1]
+    assert len([f for f in frames if domain_of(f) != Domain.SYSTEM]) == 3000 + 100
+
+
+@pytest.mark.parametrize("make_logic", [logic.MarketDataLogic, logic.SignalLogic],
+                         ids=["drop_oldest", "disconnect"])
+def test_the_join_grace_never_makes_a_new_consumer_slow(
+        start_relay: StartRelay, make_logic: Callable[[], logic.RelayLogic]) -> None:
+    """A new client that sends nothing has its live data held for a moment (a replay
+    request may be on its way): a burst over its queue limit in that moment ends the
+    hold early instead of dropping or disconnecting it."""
+    running = start_relay(make_logic(), retain=1000, queue_limit=100)
+    frame = trade_frame if make_logic is logic.MarketDataLogic else (
+        lambda n: build_message(Domain.SIGNAL, 20, [logic.signal_identity(n, 20)],
+                                sequence=n, timestamp_ns=ts_of(n), checksum=True))
+    with running.client(publish_only=True) as publisher:
+        consumer = running.client()
+        running.wait_clients(2)
+        publisher.send_many(frame(n) for n in range(1, 151))  # within the 20 ms grace
+        got = read_data(consumer, 150)
+        consumer.close()
+    assert seqs(got) == list(range(1, 151))
+    assert running.stats().messages_dropped == 0 and running.stats().slow_disconnects == 0
+
+
+def test_a_replay_is_chosen_a_turn_at_a_time_and_the_relay_keeps_serving_meanwhile(
+        start_relay: StartRelay) -> None:
+    """Choosing a replay from a large ring is spread over loop turns: while a joiner's
+    filtered replay of 200,000 retained messages is still being chosen, other clients'
+    messages keep flowing; then the joiner gets exactly what it asked for."""
+    running = start_relay(retain=1_000_000, queue_limit=1_000_000)
+    with running.client(publish_only=True) as publisher, running.client() as other:
+        publish_chunks(running, publisher, [[mixed_frame(n) for n in range(a, a + 1000)]
+                                            for a in range(1, 200_001, 1000)])
+        read_data_any(other, 200_000)
+        joiner = running.client(subscribe=[logic.TLV_GAS_PRICE], replay_since_ns=ts_of(1))
+        running.wait_for(lambda: running.relay.selections or client_info(
+            running, lambda c: c["replaying"] or c["pending_messages"]))
+        publish_each(running, publisher, [trade_frame(200_001)])
+        assert seqs(read_data(other, 1)) == [200_001]
+        before, live = read_until_live(joiner)
+        joiner.close()
+    assert seqs(before) == list(range(2, 200_001, 2)) and live == (100_000, 0)
+
+
+def read_data_any(client: RelayClient, count: int) -> None:
+    """Read ``count`` data frames in batches (checks nothing)."""
+    got = 0
+    while got < count:
+        got += len(client.recv_many(timeout=TIMEOUT_S))
+
+
+def test_a_replay_takes_the_rings_own_chunks_and_copies_frames_only_as_it_feeds_them(
+        start_relay: StartRelay) -> None:
+    """What a replay picks is the ring's own chunk objects, whole or as spans of frames:
+    a joiner that never reads pins the ring, not copies of it."""
+    running = start_relay(retain=100_000)
+    history = running.relay.history
+    assert history is not None
+    with running.client(publish_only=True) as publisher:
+        publish_chunks(running, publisher, [[mixed_frame(n) for n in range(a, a + 100)]
+                                            for a in range(1, 1001, 100)])
+        with running.client(subscribe=[logic.TLV_TRADE], replay_last=0) as joiner:
+            wait_subscribed(running, 2)
+            selection = relay.ReplaySelection(history, next(
+                c for c in running.relay.clients.values() if c.mode == logic.SUBSCRIBE_TYPES),
+                Replay(0, 0), [], [], 0)
+            assert selection.step(10**9)
+            ring = {id(chunk) for chunk, *_ in history.chunks}
+            assert all(id(chunk) in ring and spans is not None
+                       for chunk, _, spans in selection.pieces())
+            before, live = read_until_live(joiner)
+    assert seqs(before) == list(range(1, 1001, 2)) and live == (500, 0)
+
+
+def test_a_client_whose_history_is_forgotten_gets_nothing_twice_from_a_later_replay(
+        start_relay: StartRelay) -> None:
+    """A client that changes its subscription more often than the relay remembers
+    (256 stretches) still never gets a message twice from a replay: what the relay
+    forgot it received is not offered again, and is counted unavailable."""
+    running = start_relay(retain=1_000_000, queue_limit=1_000_000)
+    received: list[int] = []
+    with running.client(publish_only=True) as publisher, running.client() as client:
+        running.wait_clients(2)
+        sequence = 0
+        for change in range(300):
+            sequence += 1
+            publish_each(running, publisher, [trade_frame(sequence)])
+            if change % 2 == 0:
+                received += seqs(read_data(client, 1))
+            mode = SUBSCRIBE_NONE if change % 2 == 0 else SUBSCRIBE_ALL
+            before = running.stats().messages_in
+            client.send(subscribe_message(mode))
+            wait_read(running, 1, before)  # read: in force before the next message
+        client.send(subscribe_message(SUBSCRIBE_ALL, replay=Replay(0, 0)))
+        before, live = read_until_live(client)
+    replayed = seqs(before)
+    assert not set(replayed) & set(received), "a message twice"
+    assert len(replayed) + len(received) <= sequence
+
+
+def test_unavailable_never_counts_the_joiners_own_messages(start_relay: StartRelay) -> None:
+    running = start_relay(retain=10)
+    with running.client() as publisher:
+        publish_each(running, publisher, [trade_frame(n) for n in range(1, 61)])
+        publisher.send(subscribe_message(SUBSCRIBE_ALL, replay=Replay(10, 0)))
+        before, live = read_until_live(publisher)
+    assert before == [] and live == (0, 0)
