@@ -711,8 +711,8 @@ class Outbound:
 
     __slots__ = ("sock", "notice", "pending", "sent", "messages", "bytes", "high_water",
                  "high_water_bytes", "low_water", "low_water_bytes", "messages_out",
-                 "bytes_out", "progress_at", "dropped", "told", "replay", "marker",
-                 "selecting", "held", "held_messages", "held_bytes", "grace")
+                 "bytes_out", "progress_at", "dropped", "told", "unbuilt", "replay",
+                 "marker", "selecting", "held", "held_messages", "held_bytes", "grace")
 
     def __init__(self, sock: Any, high_water: int, high_water_bytes: int,
                  notice: Callable[[int, int], bytes] = logic.gap_message) -> None:
@@ -731,6 +731,7 @@ class Outbound:
         self.progress_at = _monotonic()  # the last write that made progress
         self.dropped = 0  # messages dropped from this queue (drop_oldest)
         self.told = 0  # the running total of the gap notices built so far
+        self.unbuilt = 0  # gap notices queued and not built yet
         self.replay: collections.deque[ReplayPiece] | None = None  # not fed yet
         self.marker = b""  # the RELAY_LIVE frame that follows the replay
         self.selecting = False  # the replay is still being selected: nothing to feed yet
@@ -770,6 +771,8 @@ class Outbound:
             held = self.held
             self.messages += count
             self.bytes += len(chunk)
+            if chunk is GAP_PLACEHOLDER:
+                self.unbuilt += 1
             if held is not None:
                 # Held behind a replay (or a join grace): only what is held can put the
                 # client over its limits (a replay is fed at most half of them).
@@ -803,15 +806,20 @@ class Outbound:
         pending = self.pending
         if not pending:
             return 0
-        buffers: list[bytes | memoryview] = []
-        for index, (chunk, _, kind) in enumerate(itertools.islice(pending,
-                                                                  WRITE_BATCH_CHUNKS)):
-            if chunk is GAP_PLACEHOLDER:
-                if index:
-                    break  # a notice is built at the head, where its total is known
-                chunk = self._build_notice(kind)
-                pending[0] = (chunk, 0, kind)
-            buffers.append(chunk)
+        buffers: list[bytes | memoryview]
+        if not self.unbuilt:
+            buffers = [entry[0] for entry in itertools.islice(pending, WRITE_BATCH_CHUNKS)]
+        else:
+            buffers = []
+            for index, (chunk, _, kind) in enumerate(itertools.islice(pending,
+                                                                      WRITE_BATCH_CHUNKS)):
+                if chunk is GAP_PLACEHOLDER:
+                    if index:
+                        break  # a notice is built at the head, where its total is known
+                    chunk = self._build_notice(kind)
+                    pending[0] = (chunk, 0, kind)
+                    self.unbuilt -= 1
+                buffers.append(chunk)
         sent = self.sent
         if sent:
             buffers[0] = memoryview(buffers[0])[sent:]
@@ -884,13 +892,16 @@ class Outbound:
             dropped += count
             if kind > 0:
                 carried += kind
-                if chunk is not GAP_PLACEHOLDER:
+                if chunk is GAP_PLACEHOLDER:
+                    self.unbuilt -= 1
+                else:
                     self.told -= kind  # built at the head, never sent: told again below
         if not dropped and not carried:
             return 0
         self.dropped += dropped
         if notify:
             queue.insert(at, (GAP_PLACEHOLDER, 0, min(U64_MAX, dropped + carried)))
+            self.unbuilt += 1
             self.bytes += GAP_FRAME_BYTES
             if held is not None:
                 self.held_bytes += GAP_FRAME_BYTES
@@ -1008,7 +1019,7 @@ class Outbound:
     def clear(self) -> None:
         """Discard everything pending (the client is leaving)."""
         self.pending.clear()
-        self.messages = self.bytes = self.sent = 0
+        self.messages = self.bytes = self.sent = self.unbuilt = 0
         self.replay = self.held = None
         self.selecting = self.grace = False
         self.held_messages = self.held_bytes = 0

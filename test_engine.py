@@ -1159,6 +1159,8 @@ def notice(dropped: int, total: int) -> bytes:
 def queued(out: Any) -> list[tuple[int, int]]:
     """(messages, kind) of each pending entry; also checks the queue's counters."""
     pending = list(out.pending)
+    assert out.unbuilt == sum(chunk is relay.GAP_PLACEHOLDER
+                              for chunk, _, _ in [*pending, *(out.held or ())])
     assert out.messages == sum(count for _, count, _ in pending)
     assert out.bytes == sum(len(chunk) for chunk, _, _ in pending)
     return [(count, kind) for _, count, kind in pending]
