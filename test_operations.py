@@ -1573,3 +1573,21 @@ def test_record_with_no_relay_leaves_an_existing_file_alone(socket_path: str,
     assert "no relay is listening" in one_line_error(result.stderr)
     with open(path, "rb") as f:
         assert f.read() == trade_message(1)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed")
+def test_the_readme_unit_file_passes_systemd_analyze_verify(tmp_path: Any) -> None:
+    """The unit file the README gives is one systemd accepts (Type=notify: the relay
+    sends READY=1 and STOPPING=1, tested above)."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    unit = re.search(r"```ini\n# (/etc/systemd/system/(\S+))\n(.*?)```", readme, re.S)
+    assert unit, "no unit file in the README"
+    path = tmp_path / unit.group(2)
+    path.write_text(unit.group(3))
+    assert "Type=notify" in unit.group(3)
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                            text=True, timeout=30)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if unit.group(2) in line]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
