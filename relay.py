@@ -20,9 +20,10 @@ client, whole and in order. Copy this file and ``logic.py`` into your repository
 
 Reading order follows one message from ``accept`` to ``send``: constants, ``Stats``,
 ``SocketFile`` (the socket path), ``FrameScanner`` (the read path's frame walk),
-``Outbound`` (a client's queue), ``Backpressure``, ``Client``, ``Relay`` (the loop,
-accepting, reading, fan-out, writing, overflow, control frames, shutdown), then the
-clients (``RelayClient``, ``AsyncRelayClient``) and the command line.
+``Outbound`` (a client's queue), ``Backpressure``, ``History`` and ``ReplaySelection``
+(retention and replays), ``Client``, ``Relay`` (the loop, accepting, reading, fan-out,
+writing, overflow, control frames, queries, shutdown), then the clients
+(``RelayClient``, ``AsyncRelayClient``) and the command line.
 """
 
 from __future__ import annotations
