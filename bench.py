@@ -942,17 +942,26 @@ def pin_to_cpu(index: int) -> int | None:
     return cpu
 
 
+def pinned_client(conn: Connection, target: str | socket.socket, cpu: int,
+                  timeout: float | None = None, wait_for_go: bool = False) -> socket.socket:
+    """The start of every latency client: pin to ``cpu``, connect (or take a socketpair
+    end), say "connected", and (``wait_for_go``) wait for the parent's go."""
+    pin_to_cpu(cpu)
+    sock = connect(target) if isinstance(target, str) else target
+    sock.settimeout(timeout)
+    conn.send(("connected", None))
+    if wait_for_go:
+        if not conn.poll(READY_TIMEOUT_S):
+            raise BenchError("no 'go' from the parent")
+        conn.recv()
+    return sock
+
+
 def ping_child(conn: Connection, target: str | socket.socket, frames: bytes | bytearray,
                frame_size: int, rounds: int) -> None:
     """Client A: send frame i, wait for B's answer (a new frame with the same
     sequence), record the round trip in ns. Blocking sockets: the lowest latency."""
-    pin_to_cpu(PING_CPU)
-    sock = connect(target) if isinstance(target, str) else target
-    sock.settimeout(None)
-    conn.send(("connected", None))
-    if not conn.poll(READY_TIMEOUT_S):
-        raise BenchError("no 'go' from the parent")
-    conn.recv()
+    sock = pinned_client(conn, target, PING_CPU, wait_for_go=True)
     messages = [bytes(frames[i * frame_size:(i + 1) * frame_size]) for i in range(rounds)]
     rtts = array("q", bytes(8 * rounds))
     buffer = bytearray(frame_size)
@@ -975,10 +984,7 @@ def ping_child(conn: Connection, target: str | socket.socket, frames: bytes | by
 def pong_child(conn: Connection, target: str | socket.socket, frame_size: int,
                rounds: int) -> None:
     """Client B: answer each frame with a new frame (source 2, same sequence)."""
-    pin_to_cpu(PONG_CPU)
-    sock = connect(target) if isinstance(target, str) else target
-    sock.settimeout(None)
-    conn.send(("connected", None))
+    sock = pinned_client(conn, target, PONG_CPU)
     template = market_frame(frame_size, source=Source.KRAKEN)
     head, tail = template[:SEQUENCE_OFFSET], template[SEQUENCE_OFFSET + 8:]
     buffer = bytearray(frame_size)
@@ -1009,14 +1015,8 @@ def paced_publisher_child(conn: Connection, target: str | socket.socket, frame_s
     as latency instead of being left out (no coordinated omission). Sleeps between
     sends with the timer slack at 1 ns (prctl), spinning only the last 30 us: a
     spinning publisher would take a whole core from the relay and the consumer."""
-    pin_to_cpu(PING_CPU)
     set_timer_slack_ns(1)
-    sock = connect(target) if isinstance(target, str) else target
-    sock.settimeout(None)
-    conn.send(("connected", None))
-    if not conn.poll(READY_TIMEOUT_S):
-        raise BenchError("no 'go' from the parent")
-    conn.recv()
+    sock = pinned_client(conn, target, PING_CPU, wait_for_go=True)
     template = market_frame(frame_size)
     head, tail = template[:SEQUENCE_OFFSET], template[SEQUENCE_OFFSET + 16:]
     pack = _SEQUENCE_AND_TIME.pack
@@ -1041,10 +1041,7 @@ def paced_publisher_child(conn: Connection, target: str | socket.socket, frame_s
 def paced_consumer_child(conn: Connection, target: str | socket.socket, frame_size: int,
                          count: int) -> None:
     """Receive ``count`` frames; per frame, now minus its intended send time, in ns."""
-    pin_to_cpu(PONG_CPU)
-    sock = connect(target) if isinstance(target, str) else target
-    sock.settimeout(FIRST_BYTE_TIMEOUT_S)
-    conn.send(("connected", None))
+    sock = pinned_client(conn, target, PONG_CPU, FIRST_BYTE_TIMEOUT_S)
     latencies = array("q", bytes(8 * count))
     buffer = bytearray(frame_size)
     view = memoryview(buffer)

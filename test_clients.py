@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 import logic
+import relay
 from conftest import (
     SHORT_S,
     TIMEOUT_S,
@@ -73,7 +74,7 @@ from logic import (
     decode_subscribe,
     parse_message,
 )
-from relay import SPLIT_FRAMES, AsyncRelayClient, FrameBatch, RelayClient
+from relay import SPLIT_FRAMES, AsyncRelayClient, FrameBatch, RelayClient, RelayRefused
 
 BIG_MESSAGE = 1 << 20  # max_message_size for relays that carry frames over 64 KiB
 BAD_MAGIC = 0x0BADF00D
@@ -909,6 +910,59 @@ def test_async_connect_where_no_relay_listens_raises_connection_error_saying_so(
         asyncio.run(main())
     assert "no relay is listening" in str(error.value)
     assert socket_path in str(error.value)
+
+
+def test_a_client_the_relay_refuses_before_its_subscription_is_sent_raises_relay_refused(
+        socket_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay that refuses a connection (over --max-connections, not in --allow-uid)
+    writes an Error frame and closes. A client whose subscription meets the closed
+    socket reads that frame and raises RelayRefused with the relay's own words. The
+    fake relay refuses first and only then lets the client's sendall go, so the order
+    is certain."""
+    refused = threading.Event()
+
+    class LateSendSocket(socket.socket):
+        def sendall(self, data: Any, flags: int = 0) -> None:
+            assert refused.wait(TIMEOUT_S), "the fake relay never refused"
+            super().sendall(data, flags)
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen(1)
+    listener.settimeout(TIMEOUT_S)
+
+    def refuse() -> None:
+        conn, _ = listener.accept()  # a LateSendSocket too (accept builds one): send()
+        conn.send(logic.error_message("refused: the relay is at --max-connections 1"))
+        conn.close()
+        refused.set()
+
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
+    monkeypatch.setattr(relay.socket, "socket", LateSendSocket)
+    try:
+        with pytest.raises(RelayRefused) as error:
+            RelayClient(socket_path, subscribe=[Domain.MARKET_DATA], timeout=TIMEOUT_S)
+    finally:
+        monkeypatch.undo()
+        refuser.join(TIMEOUT_S)
+        listener.close()
+    assert str(error.value) == (f"the relay on {socket_path} refused: the relay is at "
+                                "--max-connections 1")
+    assert isinstance(error.value, ConnectionError)  # what callers already catch
+
+
+def test_a_client_refused_after_it_connected_reads_the_reason_then_eof(
+        start_relay: StartRelay) -> None:
+    relay = start_relay(max_connections=1)
+    with RelayClient(relay.path, timeout=TIMEOUT_S):
+        relay.wait_for(lambda: relay.stats().connections_active == 1)
+        with RelayClient(relay.path, timeout=TIMEOUT_S) as late:  # nothing to send
+            header, tlvs = parse_message(late.recv())
+            assert (header.relay_domain, tlvs[0][0]) == (Domain.SYSTEM, logic.TLV_ERROR)
+            assert logic.decode_error(tlvs[0][1]).startswith("refused")
+            with pytest.raises(EOFError):
+                late.recv()
 
 
 def test_async_client_subscription_options_reach_the_relay(start_relay: StartRelay) -> None:
